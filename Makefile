@@ -1,0 +1,35 @@
+# Two commands on a fresh machine with Python 3.11, pip and make:  make run  /  make test
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build from the local disk here; a GPU user sets e.g.
+#   make install TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG ?= jobs/configs/smoke.yaml
+# DeepSpeed compiles its C++ ops on first use; keep them across runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: install run test lint bench-prepare clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -c "import torch, ray, deepspeed; print('torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
+	touch $@
+
+run: install
+	$(BIN)/python -m jobs.prepare --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache outputs
