@@ -33,7 +33,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file not found: {str(path)!r}")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{str(path)!r}: top level must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{str(path)!r}: top level must be a mapping, got {type(loaded).__name__}"
+            )
         raw = loaded
     for item in overrides:
         apply_override(raw, item)
@@ -74,6 +76,8 @@ def from_dict(cls: type[T], raw: dict[str, Any], where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where or 'config'}: {err}") from None
+    except ValueError as err:  # a component's own check (__post_init__) refused a value
+        raise ConfigError(f"{where + ': ' if where else ''}{err}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -99,7 +103,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 return _coerce(arg, value, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {args}"
+        )
     if origin is typing.Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {list(get_args(tp))}")

@@ -71,13 +71,16 @@ def make_examples(batch: dict[str, Any], max_len: int) -> dict[str, np.ndarray]:
     """Sequence rows -> padded arrays of shape (B, max_len).
 
     Train rows (no `target_item`): inputs are seq[:-1], targets seq[1:] (next item at every
-    position). Eval rows: inputs are the history, the single target sits at the last position.
+    position); a train row of one event has no target and is dropped. Eval rows: inputs are the
+    history, the single target sits at the last position.
     """
-    items = [np.asarray(x, dtype=np.int64) for x in batch["items"]]
-    behaviors = [np.asarray(x, dtype=np.int64) for x in batch["behaviors"]]
-    stamps = [np.asarray(x, dtype=np.int64) for x in batch["timestamps"]]
+    train = "target_item" not in batch
+    keep = [i for i, x in enumerate(batch["items"]) if len(x) >= 2 or not train]
+    items = [np.asarray(batch["items"][i], dtype=np.int64) for i in keep]
+    behaviors = [np.asarray(batch["behaviors"][i], dtype=np.int64) for i in keep]
+    stamps = [np.asarray(batch["timestamps"][i], dtype=np.int64) for i in keep]
     gaps = [gap_tokens(ts) for ts in stamps]
-    if "target_item" not in batch:
+    if train:
         return {
             "items": _left_pad([x[:-1] for x in items], max_len),
             "behaviors": _left_pad([x[:-1] for x in behaviors], max_len),
@@ -103,7 +106,9 @@ def collate(arrays: dict[str, np.ndarray]) -> Batch:
     """The one place numpy becomes tensors (used as `iter_torch_batches(collate_fn=...)`)."""
     return Batch(
         **{
-            name: torch.as_tensor(np.asarray(arrays[name]), dtype=torch.long)
+            name: torch.tensor(
+                np.asarray(arrays[name]), dtype=torch.long
+            )  # copies: Ray's are read-only
             for name in ("items", "behaviors", "gaps", "targets", "target_behaviors")
         }
     )

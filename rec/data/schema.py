@@ -70,7 +70,12 @@ BEHAVIOR_TOKENS = {
 }
 N_BEHAVIOR_TOKENS = len(BEHAVIOR_TOKENS) + 1
 # Tokens that count as strong engagement for the relevance head.
-ENGAGED_TOKENS = (BEHAVIOR_TOKENS["cart"], BEHAVIOR_TOKENS["fav"], BEHAVIOR_TOKENS["buy"], BEHAVIOR_TOKENS["rating_high"])
+ENGAGED_TOKENS = (
+    BEHAVIOR_TOKENS["cart"],
+    BEHAVIOR_TOKENS["fav"],
+    BEHAVIOR_TOKENS["buy"],
+    BEHAVIOR_TOKENS["rating_high"],
+)
 RATING_HIGH_THRESHOLD = 4.0
 
 

@@ -1,0 +1,34 @@
+"""Prepare behavior logs with Ray Data: validate, quarantine, vocabularies, per-user sequences,
+leave-last-out splits.
+
+    python -m jobs.prepare --config jobs/configs/beauty.yaml output_dir=outputs/beauty/data
+
+Writes into output_dir: train/ valid/ test/ parquet shards, vocab/, quarantine/, meta.json and
+stats.json (on Amazon Beauty: 22,363 users, 12,101 items, 198,502 interactions).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from jobs.common import init_ray, main_guard, parse_args
+from jobs.config import RunConfig
+from rec.ray_prepare import prepare
+
+
+def run(cfg: RunConfig) -> dict:
+    init_ray(cfg.ray)
+    stats = prepare(cfg.data, cfg.output_dir)
+    print(json.dumps(stats, indent=2))
+    print(f"[prepare] wrote {Path(cfg.output_dir).resolve()}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(lambda: run(parse_args(RunConfig, argv, __doc__)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The same preparation in one process with polars, no Ray: the baseline `bench/prepare.py`
+measures the Ray pipeline against, and a reference the tests compare the Ray output with.
+
+It holds the whole log in memory: fine for a laptop-sized log, not for 100M rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+
+from rec.data import outputs, readers, sequences
+from rec.data.config import DataConfig
+from rec.data.synthetic import generate
+
+
+def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
+    """Read, validate, clean, build vocabularies and sequences, write the splits; return stats."""
+    t0 = time.perf_counter()
+    out = Path(output_dir).resolve()
+    outputs.reset_output(out)
+    if cfg.format == "synthetic":
+        raw = Path(cfg.path) if cfg.path else out / "raw"
+        if not any(raw.glob("*.parquet")):
+            generate(cfg.synthetic, raw)
+        cfg = replace(cfg, path=str(raw))
+    plan = readers.plan(cfg)
+    events, bad = [], []
+    for chunk in plan.chunks:
+        for ev, q in readers.read_chunk(chunk, cfg, plan.files):
+            events.append(ev)
+            bad.append(q)
+    (out / "quarantine").mkdir(parents=True)
+    quarantine = pa.concat_tables(bad)
+    if quarantine.num_rows:
+        pl.from_arrow(quarantine).write_parquet(out / "quarantine" / "part-00000.parquet")
+    log = pl.from_arrow(pa.concat_tables(events))
+    clean, info = sequences.clean_bucket(log, cfg.dedupe, cfg.min_user_events)
+    stats = sequences.item_stats(clean)
+    if cfg.kcore:
+        stats = _kcore(clean, stats, cfg)
+    items, cats = sequences.build_vocab(stats.sort("item_id"))
+    outputs.write_vocab(out, items, cats)
+    seqs = sequences.build_sequences(clean, items, cfg.max_len, cfg.min_events())
+    for split, frame in sequences.split_views(seqs, cfg.max_len).items():
+        (out / split).mkdir()
+        frame.write_parquet(out / split / "part-00000.parquet")
+    info.pop("rows_in")
+    return outputs.finish(out, cfg, plan.timestamp_kind, log.height, info, time.perf_counter() - t0)
+
+
+def _kcore(clean: pl.DataFrame, stats: pl.DataFrame, cfg: DataConfig) -> pl.DataFrame:
+    items = stats.filter(pl.col("count") >= cfg.kcore)
+    while True:
+        counts = sequences.kcore_counts(clean, items, cfg.kcore, cfg.min_user_events)
+        new = counts.filter(pl.col("count") >= cfg.kcore)
+        if new.height == items.height == counts.height:
+            return new
+        items = new

@@ -1,0 +1,110 @@
+"""The prepared-data directory: layout, vocabularies, stats. Shared by the Ray and local paths.
+
+<output_dir>/
+  train/ valid/ test/     parquet shards (rec/data/sequences.py: split_views)
+  vocab/items.parquet     item_idx, item_id, count, category_idx, category_ids
+  vocab/categories.parquet category_idx, category_id, count
+  quarantine/             rows set aside, with source, offset, raw text and reason
+  meta.json               what the training side needs: sizes, max_len, timestamp kind
+  stats.json              counts and timing of the run
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rec.data.config import DataConfig
+from rec.data.schema import ENGAGED_TOKENS, QUARANTINE_REASONS
+
+SPLITS = ("train", "valid", "test")
+WORK_DIRS = ("_staging", "_clean", "_errors")
+
+
+def reset_output(out: Path) -> None:
+    """Remove what an earlier run of prepare wrote here (not anything else)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*SPLITS, "vocab", "quarantine", *WORK_DIRS):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("stats.json", "meta.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_vocab(out: Path, items: pl.DataFrame, cats: pl.DataFrame) -> None:
+    (out / "vocab").mkdir(parents=True, exist_ok=True)
+    items.write_parquet(out / "vocab" / "items.parquet")
+    cats.write_parquet(out / "vocab" / "categories.parquet")
+
+
+def quarantine_counts(out: Path) -> dict[str, int]:
+    files = sorted((out / "quarantine").glob("*.parquet"))
+    counts = dict.fromkeys(QUARANTINE_REASONS, 0)
+    if files:
+        agg = pl.scan_parquet(files).group_by("reason").len().collect()
+        for reason, n in agg.iter_rows():
+            counts[reason] = int(n)
+    return counts
+
+
+def finish(
+    out: Path,
+    cfg: DataConfig,
+    timestamp_kind: str,
+    rows_valid: int,
+    clean_info: dict[str, int],
+    seconds: float,
+) -> dict:
+    """Write meta.json and stats.json from what is now on disk; return the stats."""
+    items = pl.read_parquet(out / "vocab" / "items.parquet")
+    cats = pl.read_parquet(out / "vocab" / "categories.parquet")
+    test = pl.scan_parquet(out / "test" / "*.parquet")
+    per_user = test.select(pl.len().alias("users"), pl.col("n_events").sum().alias("events"))
+    users, interactions = per_user.collect().row(0) if (out / "test").exists() else (0, 0)
+    engaged = (
+        pl.scan_parquet(out / "train" / "*.parquet")
+        .select(pl.col("behaviors").explode().is_in(list(ENGAGED_TOKENS)).any())
+        .collect()
+        .item()
+    )
+    quarantined = quarantine_counts(out)
+    stats = {
+        "rows_read": rows_valid + sum(quarantined.values()),
+        "rows_valid": rows_valid,
+        "rows_quarantined": sum(quarantined.values()),
+        "quarantined_by_reason": quarantined,
+        **clean_info,
+        "n_users": int(users),
+        "n_items": items.height,
+        "n_categories": cats.height,
+        "n_interactions": int(interactions or 0),
+        "seconds": round(seconds, 3),
+    }
+    meta = {
+        "format": cfg.format,
+        "max_len": cfg.max_len,
+        "timestamp_kind": timestamp_kind,
+        "n_items": items.height,
+        "n_categories": cats.height,
+        "max_categories_per_item": int(items["category_idx"].list.len().max() or 0),
+        "has_engaged_behaviors": bool(engaged),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    for name in WORK_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    return stats
+
+
+def item_category_table(items: pl.DataFrame, max_categories: int | None = None) -> np.ndarray:
+    """(n_items + 1, C) int64 category indices per item index, 0-padded; row 0 is padding."""
+    cats = items.sort("item_idx")["category_idx"].to_list()
+    width = max_categories or max((len(c) for c in cats), default=1) or 1
+    table = np.zeros((len(cats) + 1, width), dtype=np.int64)
+    for i, row in enumerate(cats, start=1):
+        row = row[:width]
+        table[i, : len(row)] = row
+    return table

@@ -1,0 +1,266 @@
+"""Readers: raw logs in each source format -> canonical events + quarantined rows.
+
+`plan(cfg)` probes the sources on the driver (fails fast, with one clear message, on a file
+that cannot be read at all) and cuts them into chunks; `read_chunk(chunk, cfg)` yields
+(events, quarantine) pairs of Arrow tables for one chunk and runs inside a Ray task. Both are
+plain Python: the Ray layer only distributes them.
+
+| data.format | data.path                                 | what is read                              |
+|-------------|-------------------------------------------|-------------------------------------------|
+| taobao      | CSV file or directory (gz or plain)       | user_id,item_id,category_id,behavior,ts   |
+| amazon      | `<name>.txt[.gz]` (S3-Rec sequences)      | + `<name>_item2attributes.json[.gz]`      |
+| movielens   | ml-100k directory or `ml-100k.tar.gz`     | `u.data` ratings + `u.item` genres        |
+| parquet     | file or directory of canonical parquet    | EVENT_SCHEMA columns (or Taobao's names)  |
+| synthetic   | generated parquet (Taobao column names)   | see rec/data/synthetic.py                 |
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rec.data.config import DataConfig
+from rec.data.parse import (
+    TAOBAO_BEHAVIORS,
+    lines_frame,
+    parse_amazon,
+    parse_delimited,
+    split_valid,
+    validate_events,
+)
+from rec.data.schema import BEHAVIORS
+from rec.data.textio import Chunk, DataError, check_file, head_lines, is_gzip, iter_blocks
+from rec.data.textio import plan_text_chunks as _plan_text
+
+FILE_SHIFT = 44  # seq_no = file index << 44 | offset: global read order across files
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Chunks to read, plus facts about the source the later stages need."""
+
+    chunks: list[Chunk]
+    files: list[str]
+    timestamp_kind: str  # "unix" or "position"
+
+
+def plan(cfg: DataConfig) -> Plan:
+    """Probe `cfg.path` for `cfg.format` and cut it into read chunks (driver side, cheap)."""
+    fmt = cfg.format
+    chunk_bytes = cfg.chunk_mb << 20
+    if fmt == "taobao":
+        files = _list_files(cfg.path, (".csv", ".csv.gz", ".txt", ".gz"))
+        for f in files:
+            _probe_delimited(f, ",", 5, "user_id,item_id,category_id,behavior_type,timestamp")
+        return Plan(_chunks_for(files, chunk_bytes), [str(f) for f in files], "unix")
+    if fmt == "amazon":
+        seq = check_file(cfg.path)
+        attributes_path(seq)  # must exist beside it
+        if not any(len(line.split()) >= 2 for line in head_lines(seq)):
+            raise DataError(f"{seq}: no line of the form 'user item item ...' (S3-Rec format)")
+        return Plan(_chunks_for([seq], chunk_bytes), [str(seq)], "position")
+    if fmt == "movielens":
+        data, _ = _movielens_members(cfg.path)
+        if not any(
+            len(line.split("\t")) == 4 for line in data.decode("latin-1").splitlines()[:200]
+        ):
+            raise DataError(f"{cfg.path}: u.data has no 'user<TAB>item<TAB>rating<TAB>ts' lines")
+        return Plan([Chunk(str(cfg.path), 0)], [str(cfg.path)], "unix")
+    if fmt in ("parquet", "synthetic"):
+        files = _list_files(cfg.path, (".parquet",))
+        chunks = []
+        for f in files:
+            n_groups = _parquet_groups(f)
+            chunks += [Chunk(str(f), len(chunks) + g, g, g + 1) for g in range(n_groups)]
+        return Plan(chunks, [str(f) for f in files], "unix")
+    raise DataError(
+        f"data.format {fmt!r} is not one of taobao, amazon, movielens, parquet, synthetic"
+    )
+
+
+def read_chunk(
+    chunk: Chunk, cfg: DataConfig, files: list[str]
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Yield (events, quarantine) Arrow tables for one chunk, block by block."""
+    file_base = files.index(chunk.path) << FILE_SHIFT
+    lo, hi = cfg.window()
+    fmt = cfg.format
+    if fmt in ("parquet", "synthetic"):
+        pf = pq.ParquetFile(chunk.path)
+        row_base = sum(pf.metadata.row_group(g).num_rows for g in range(chunk.start))
+        yield _parquet_rows(pf.read_row_group(chunk.start), chunk.path, row_base, file_base, lo, hi)
+        return
+    if fmt == "movielens":
+        yield _read_movielens(chunk.path, file_base, lo, hi)
+        return
+    item_attrs = _load_attributes(attributes_path(chunk.path)) if fmt == "amazon" else None
+    for offset, data in iter_blocks(chunk):
+        lines = lines_frame(data, offset, "utf-8")
+        if fmt == "taobao":
+            parsed = parse_delimited(
+                lines, ",", ["user_id", "item_id", "category_id", "behavior", "timestamp"]
+            )
+            parsed = parsed.with_columns(
+                pl.concat_list(pl.col("category_id")).alias("category_ids"),
+                pl.lit(None, pl.Float32).alias("value"),
+            )
+            parsed = validate_events(parsed, TAOBAO_BEHAVIORS, lo, hi)
+        else:
+            parsed = parse_amazon(lines, item_attrs)
+        yield split_valid(parsed, chunk.path, file_base)
+
+
+def attributes_path(seq_path: str | Path) -> Path:
+    """`Beauty.txt.gz` -> the `Beauty_item2attributes.json[.gz]` beside it."""
+    seq_path = Path(seq_path)
+    name = seq_path.name.split(".")[0]
+    for suffix in (".json", ".json.gz"):
+        cand = seq_path.with_name(f"{name}_item2attributes{suffix}")
+        if cand.is_file():
+            return cand
+    raise DataError(
+        f"{seq_path}: attributes file {name}_item2attributes.json[.gz] not found beside it"
+    )
+
+
+def _load_attributes(path: Path) -> pl.DataFrame:
+    opener = gzip.open if is_gzip(path) else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, EOFError, ValueError) as err:
+        raise DataError(f"{path}: cannot read item attributes ({err})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object item -> [attribute ids]")
+    try:
+        items = [int(k) for k in raw]
+        attrs = [[int(a) for a in v] for v in raw.values()]
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{path}: item and attribute ids must be integers ({err})") from None
+    return pl.DataFrame(
+        {"item_id": items, "category_ids": attrs},
+        schema={"item_id": pl.Int64, "category_ids": pl.List(pl.Int64)},
+    )
+
+
+def _movielens_members(path: str | Path) -> tuple[bytes, bytes]:
+    """(u.data, u.item) bytes from an ml-100k directory or its tarball."""
+    path = Path(path)
+    if path.is_dir():
+        for root in (path, path / "ml-100k"):
+            if (root / "u.data").is_file() and (root / "u.item").is_file():
+                return (root / "u.data").read_bytes(), (root / "u.item").read_bytes()
+        raise DataError(f"{path}: no u.data and u.item in this directory")
+    check_file(path)
+    try:
+        with tarfile.open(path) as tar:
+            found = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            if "u.data" not in found or "u.item" not in found:
+                raise DataError(f"{path}: tarball has no u.data and u.item")
+            return tar.extractfile(found["u.data"]).read(), tar.extractfile(found["u.item"]).read()
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise DataError(f"{path}: cannot read the MovieLens tarball ({err})") from None
+
+
+def _read_movielens(
+    path: str, file_base: int, lo: int | None, hi: int | None
+) -> tuple[pa.Table, pa.Table]:
+    data, item_bytes = _movielens_members(path)
+    genres = pl.read_csv(
+        io.BytesIO(item_bytes),
+        separator="|",
+        has_header=False,
+        encoding="utf8-lossy",
+        quote_char=None,
+    )
+    flags = genres.select(genres.columns[-19:]).to_numpy()
+    movie_genres = pl.DataFrame(
+        {
+            "item_id": genres[:, 0].cast(pl.Int64),
+            "category_ids": [list(row.nonzero()[0]) for row in flags],
+        },
+        schema={"item_id": pl.Int64, "category_ids": pl.List(pl.Int64)},
+    )
+    lines = lines_frame(data, 0, "latin-1")
+    parsed = parse_delimited(lines, "\t", ["user_id", "item_id", "value", "timestamp"])
+    parsed = parsed.with_columns(pl.lit("rating").alias("behavior")).join(
+        movie_genres, on="item_id", how="left"
+    )
+    parsed = validate_events(parsed, ("rating",), lo, hi)
+    return split_valid(parsed, path, file_base)
+
+
+def _parquet_rows(
+    table: pa.Table, path: str, row_base: int, file_base: int, lo: int | None, hi: int | None
+) -> tuple[pa.Table, pa.Table]:
+    df = pl.from_arrow(table).rename(
+        {"category_id": "category_ids", "behavior_type": "behavior"}, strict=False
+    )
+    missing = [
+        c
+        for c in ("user_id", "item_id", "category_ids", "behavior", "timestamp")
+        if c not in df.columns
+    ]
+    if missing:
+        raise DataError(f"{path}: parquet lacks the columns {missing} (canonical schema)")
+    if df.schema["category_ids"] != pl.List(pl.Int64):
+        df = df.with_columns(
+            pl.concat_list(pl.col("category_ids"))
+            .list.eval(pl.element().cast(pl.Int64))
+            .alias("category_ids")
+        )
+    if "value" not in df.columns:
+        df = df.with_columns(pl.lit(None, pl.Float32).alias("value"))
+    # A parquet row's offset is its row index in the file (for the quarantine file).
+    df = df.with_row_index("offset").with_columns(
+        pl.col("offset").cast(pl.Int64) + row_base,
+        pl.format("{}", pl.struct(pl.exclude("offset"))).alias("raw"),
+        pl.col("behavior").cast(pl.String),
+    )
+    for name in ("user_id", "item_id", "timestamp"):
+        df = df.with_columns(pl.col(name).cast(pl.Int64, strict=False))
+    parsed = validate_events(df, BEHAVIORS, lo, hi)
+    return split_valid(parsed, path, file_base)
+
+
+def _list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        if not files:
+            raise DataError(f"{path}: directory holds no {'/'.join(suffixes)} files")
+        return files
+    return [check_file(path)]
+
+
+def _chunks_for(files: list[Path], chunk_bytes: int) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    for f in files:
+        chunks += _plan_text(f, chunk_bytes, first_index=len(chunks))
+    return chunks
+
+
+def _probe_delimited(path: Path, sep: str, n_fields: int, expected: str) -> None:
+    lines = head_lines(path)
+    if not any(len(line.split(sep)) == n_fields for line in lines):
+        got = len(lines[0].split(sep))
+        raise DataError(
+            f"{path}: no line has the {n_fields} {sep!r}-separated fields {expected} "
+            f"(first line has {got}: {lines[0][:80]!r}); wrong delimiter or format?"
+        )
+
+
+def _parquet_groups(path: Path) -> int:
+    try:
+        return pq.ParquetFile(path).metadata.num_row_groups
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable parquet file ({err})") from None

@@ -1,0 +1,322 @@
+"""Task heads, their targets and losses, and the `Recommender` that ties them to the model.
+
+Tasks are data (`ModelConfig.loss_weights`, 0 = off); losses are small pure functions. For a
+batch, a "position with a target" is (b, t) with `targets[b, t] > 0`; `h_t` is the hidden
+state there, `e_i` the item vector of item i (`SeqRecModel.item_vectors`), `y = targets[b, t]`.
+
+interest (next item)
+    full:    -log softmax_i(h_t . e_i / tau)[y] over all items i in 1..n_items (the padding
+             column never competes), averaged over positions with a target.
+    sampled: K negatives n_1..n_K are drawn once per batch, with replacement, from the
+             proposal q (popularity or uniform, `Recommender.set_proposal`) and shared by all
+             positions. logits = [h_t . e_y / tau - log q(y), h_t . e_nk / tau - log q(n_k)]
+             (logQ correction), negatives equal to y masked out ("accidental hits"); the
+             loss is cross-entropy with the positive as the class.
+relevance (P(the user engages strongly with a candidate c)), logit = MLP([h_t, e_c, h_t * e_c])
+    graded:  c = y; label 1 iff the next event's behavior token is engaged
+             (`rec.data.schema.engaged_mask()`: cart, fav, buy, rating_high), 0 otherwise (pv,
+             review, rating_low). BCE averaged over positions with a target. The head then
+             estimates P(engaged | the user interacts with c next).
+    sampled: for one-behavior sources (Amazon reviews): c = y with label 1, plus
+             `relevance_negatives` uniform random items per position with label 0 (a negative
+             equal to y is dropped). BCE averaged over all these pairs. The head then
+             estimates P(c is the next item rather than a random one).
+diversity (P(the user explores a new category next)), logit = MLP(h_t)
+    label 1 iff item y has at least one category and some category of y is absent from the
+    categories of the last `diversity_window` input items at positions <= t (padding ignored);
+    items without categories are never "new". See `diversity_targets`. BCE averaged over
+    positions with a target.
+total
+    sum_k w_k L_k, or with uncertainty weighting (Kendall et al. 2018)
+    sum_k w_k (exp(-s_k) L_k + s_k / 2) with learned s_k = log sigma_k^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rec.data.batch import Batch
+from rec.data.schema import ENGAGED_TOKENS
+from rec.model import DataDims, ModelConfig, SeqRecModel, resolve_relevance_mode
+
+TASKS = ("interest", "relevance", "diversity")
+
+
+def diversity_targets(
+    items: torch.Tensor, targets: torch.Tensor, item_categories: torch.Tensor, window: int
+) -> torch.Tensor:
+    """`(B, T)` float: 1 where the next item opens a category unseen in the recent window.
+
+    items, targets: (B, T) int64, 0 = padding / no target; item_categories: (n_items + 1, C)
+    int64, 0 = no category. At (b, t) the window is items[b, max(0, t - window + 1) .. t].
+    Positions without a target get 0 (they are masked out of the loss anyway).
+    """
+    n_batch, n_steps = items.shape
+    padded = F.pad(items, (window - 1, 0))  # (B, T + W - 1), left zeros = no item
+    recent = padded.unfold(1, window, 1)  # (B, T, W)
+    seen = item_categories[recent].reshape(n_batch, n_steps, -1)  # (B, T, W * C)
+    wanted = item_categories[targets]  # (B, T, C)
+    # A real category of y is covered if it appears anywhere in the window; 0 never matches
+    # because `wanted == 0` slots are treated as covered before looking.
+    found = (wanted.unsqueeze(-1) == seen.unsqueeze(-2)).any(-1)  # (B, T, C)
+    covered = found | (wanted == 0)  # (B, T, C)
+    has_category = (wanted > 0).any(-1)  # (B, T)
+    new = has_category & ~covered.all(-1) & (targets > 0)  # (B, T)
+    return new.float()  # (B, T)
+
+
+def interest_full_loss(
+    h: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Softmax cross-entropy over all items. h: (P, D), item_table: (N + 1, D), targets: (P,)."""
+    # Scaling h, not the (P, N) logits, saves a full pass over the largest tensor; dropping
+    # row 0 is the same as a -inf padding column without materialising it.
+    logits = (h / temperature) @ item_table[1:].T  # (P, N)
+    return F.cross_entropy(logits, targets - 1)
+
+
+def interest_sampled_loss(
+    h: torch.Tensor,
+    target_vecs: torch.Tensor,
+    targets: torch.Tensor,
+    neg_ids: torch.Tensor,
+    neg_vecs: torch.Tensor,
+    log_q: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """Sampled softmax with logQ correction and accidental hits masked.
+
+    h, target_vecs: (P, D); targets: (P,); neg_ids: (K,) shared negatives; neg_vecs: (K, D);
+    log_q: (N + 1,) log proposal probability per item.
+    """
+    h = h / temperature  # (P, D)
+    pos = (h * target_vecs).sum(-1) - log_q[targets]  # (P,)
+    neg = h @ neg_vecs.T - log_q[neg_ids]  # (P, K)
+    neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))  # (P, K)
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)  # (P, 1 + K)
+    zeros = torch.zeros(len(targets), dtype=torch.long, device=h.device)  # (P,) positive = 0
+    return F.cross_entropy(logits, zeros)
+
+
+def relevance_sampled_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, neg_valid: torch.Tensor
+) -> torch.Tensor:
+    """Mean BCE over positives (label 1) and valid negatives (label 0).
+
+    pos_logits: (P,); neg_logits, neg_valid: (P, K) (neg_valid False for accidental hits).
+    """
+    pos_terms = F.binary_cross_entropy_with_logits(
+        pos_logits, torch.ones_like(pos_logits), reduction="sum"
+    )
+    neg_terms = F.binary_cross_entropy_with_logits(
+        neg_logits, torch.zeros_like(neg_logits), weight=neg_valid.float(), reduction="sum"
+    )
+    return (pos_terms + neg_terms) / (pos_logits.numel() + neg_valid.sum())
+
+
+def _mlp(d_in: int, d_hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, 1))
+
+
+class RelevanceHead(nn.Module):
+    """(h (..., D), e (..., D)) -> engagement logit (...)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.mlp = _mlp(3 * d, d)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([h, e, h * e], dim=-1)).squeeze(-1)  # (...)
+
+
+class DiversityHead(nn.Module):
+    """h (..., D) -> "explores a new category next" logit (...)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.mlp = _mlp(d, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(h).squeeze(-1)  # (...)
+
+
+class MultiTaskLoss(nn.Module):
+    """Weighted sum of task losses, optionally with learned log-variances (Kendall et al.)."""
+
+    def __init__(self, weights: dict[str, float], uncertainty_weighting: bool) -> None:
+        super().__init__()
+        unknown = sorted(set(weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; tasks are {list(TASKS)}")
+        self.weights = {name: float(w) for name, w in weights.items() if w > 0}
+        if not self.weights:
+            raise ValueError(f"all loss weights are 0: {weights!r}")
+        # s_k = log sigma_k^2 starts at 0, i.e. the static weights alone.
+        self.log_vars = (
+            nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.weights})
+            if uncertainty_weighting
+            else None
+        )
+
+    def forward(self, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-task scalar losses -> (total, {"loss": .., "loss_<task>": .., "log_var_<task>"})."""
+        names = [name for name in losses if name in self.weights]
+        terms, logged = [], {}
+        for name in names:
+            term = losses[name]
+            if self.log_vars is not None:
+                s = self.log_vars[name]
+                term = torch.exp(-s) * term + 0.5 * s
+                logged[f"log_var_{name}"] = s.detach()
+            terms.append(self.weights[name] * term)
+            logged[f"loss_{name}"] = losses[name].detach()
+        total = torch.stack(terms).sum()
+        logged["loss"] = total.detach()
+        # One device sync for all metrics instead of one `.item()` per entry.
+        values = torch.stack(list(logged.values())).float().tolist()
+        return total, dict(zip(logged, values, strict=True))
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Drop leading columns that are padding in every row (positions are padding-invariant)."""
+    used = (batch.items > 0).any(0) | (batch.targets > 0).any(0)  # (T,)
+    if not bool(used.any()):
+        return batch
+    start = int(used.nonzero()[0, 0])
+    if start == 0:
+        return batch
+    return Batch(**{name: value[:, start:] for name, value in batch.__dict__.items()})
+
+
+class Recommender(nn.Module):
+    """One model, several roles: `loss` for training, the rest for eval and serving.
+
+    Inference methods run under `torch.no_grad()` and read the last position of each
+    (left-padded) sequence; call `.eval()` first to switch dropout off.
+    """
+
+    def __init__(self, cfg: ModelConfig, dims: DataDims, item_categories: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg, self.dims = cfg, dims
+        self.model = SeqRecModel(cfg, dims, item_categories)
+        d = self.model.hidden_size
+        self.relevance_head = RelevanceHead(d)
+        self.diversity_head = DiversityHead(d)
+        self.multitask = MultiTaskLoss(
+            dataclasses.asdict(cfg.loss_weights), cfg.uncertainty_weighting
+        )
+        self.relevance_mode = resolve_relevance_mode(cfg, dims)
+        engaged = torch.zeros(dims.n_behaviors, dtype=torch.bool)  # (n_behaviors,)
+        engaged[[t for t in ENGAGED_TOKENS if t < dims.n_behaviors]] = True
+        # Derived from code or data at train time, so kept out of checkpoints and exports.
+        self.register_buffer("engaged", engaged, persistent=False)
+        self.register_buffer("log_q", torch.zeros(dims.n_items + 1), persistent=False)
+        self.set_proposal(torch.zeros(dims.n_items + 1))
+
+    def set_proposal(self, counts: torch.Tensor, power: float = 1.0) -> None:
+        """Sampled-softmax proposal q(i) proportional to (counts[i] + 1) ** power, i >= 1.
+
+        counts: (n_items + 1,) training-set frequency per item (zeros give uniform). The +1
+        keeps every item sampleable so log q is finite for every target.
+        """
+        if counts.shape != (self.dims.n_items + 1,):
+            raise ValueError(
+                f"counts must have shape ({self.dims.n_items + 1},), got {counts.shape}"
+            )
+        weights = (counts.double().clamp(min=0) + 1.0) ** power  # (N + 1,)
+        weights[0] = 0.0  # padding is never a negative
+        q = weights / weights.sum()  # (N + 1,)
+        self.log_q.copy_(q.log().float())
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats)."""
+        batch = trim_padding(batch)
+        mask = batch.targets > 0  # (B, T)
+        if not bool(mask.any()):
+            raise ValueError("batch has no targets (targets are all 0)")
+        weights = self.cfg.loss_weights
+        full = self.cfg.interest_loss == "full" and weights.interest > 0
+        table = self.model.item_embeddings() if full else None  # (N + 1, D), once per step
+        h = self.model(batch, table)[mask]  # (P, D)
+        targets = batch.targets[mask]  # (P,)
+        if table is not None:
+            target_vecs = F.embedding(targets, table)  # (P, D)
+        else:
+            target_vecs = self.model.item_vectors(targets)  # (P, D)
+        losses: dict[str, torch.Tensor] = {}
+        if weights.interest > 0:
+            losses["interest"] = self._interest_loss(h, target_vecs, targets, table)
+        if weights.relevance > 0:
+            behaviors = batch.target_behaviors[mask]  # (P,)
+            losses["relevance"] = self._relevance_loss(h, target_vecs, targets, behaviors)
+        if weights.diversity > 0:
+            labels = diversity_targets(
+                batch.items, batch.targets, self.model.item_categories, self.cfg.diversity_window
+            )[mask]  # (P,)
+            logits = self.diversity_head(h)  # (P,)
+            losses["diversity"] = F.binary_cross_entropy_with_logits(logits, labels)
+        return self.multitask(losses)
+
+    def _interest_loss(
+        self,
+        h: torch.Tensor,
+        target_vecs: torch.Tensor,
+        targets: torch.Tensor,
+        table: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if table is not None:
+            return interest_full_loss(h, table, targets, self.cfg.temperature)
+        neg_ids = torch.multinomial(self.log_q.exp(), self.cfg.n_negatives, replacement=True)
+        neg_vecs = self.model.item_vectors(neg_ids)  # (K, D)
+        return interest_sampled_loss(
+            h, target_vecs, targets, neg_ids, neg_vecs, self.log_q, self.cfg.temperature
+        )
+
+    def _relevance_loss(
+        self,
+        h: torch.Tensor,
+        target_vecs: torch.Tensor,
+        targets: torch.Tensor,
+        behaviors: torch.Tensor,
+    ) -> torch.Tensor:
+        pos_logits = self.relevance_head(h, target_vecs)  # (P,)
+        if self.relevance_mode == "graded":
+            labels = self.engaged[behaviors].float()  # (P,)
+            return F.binary_cross_entropy_with_logits(pos_logits, labels)
+        shape = (len(targets), self.cfg.relevance_negatives)
+        neg_ids = torch.randint(1, self.dims.n_items + 1, shape, device=h.device)  # (P, K)
+        neg_vecs = self.model.item_vectors(neg_ids)  # (P, K, D)
+        neg_logits = self.relevance_head(h.unsqueeze(1).expand_as(neg_vecs), neg_vecs)  # (P, K)
+        return relevance_sampled_loss(pos_logits, neg_logits, neg_ids != targets.unsqueeze(1))
+
+    @torch.no_grad()
+    def score_next(self, batch: Batch) -> torch.Tensor:
+        """Next-item scores `(B, n_items + 1)` at the last position; column 0 is -inf."""
+        table = self.model.item_embeddings()  # (N + 1, D)
+        h = self.model(trim_padding(batch), table)[:, -1]  # (B, D)
+        scores = (h / self.cfg.temperature) @ table.T  # (B, N + 1)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.no_grad()
+    def relevance(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
+        """P(strong engagement) `(B, N)` for candidate items `(B, N)` at the last position."""
+        h = self.model(trim_padding(batch))[:, -1]  # (B, D)
+        vecs = self.model.item_vectors(candidates)  # (B, N, D)
+        logits = self.relevance_head(h.unsqueeze(1).expand_as(vecs), vecs)  # (B, N)
+        return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def diversity(self, batch: Batch) -> torch.Tensor:
+        """P(the next item opens a new category) `(B,)` at the last position."""
+        h = self.model(trim_padding(batch))[:, -1]  # (B, D)
+        return torch.sigmoid(self.diversity_head(h))  # (B,)
+
+    @torch.no_grad()
+    def user_embedding(self, batch: Batch) -> torch.Tensor:
+        """The last hidden state `(B, D)`; dot it with `model.item_embeddings()` to score."""
+        return self.model(trim_padding(batch))[:, -1]  # (B, D)

@@ -1,0 +1,269 @@
+"""The sequential recommender's network: a causal Llama backbone over item-event embeddings.
+
+`SeqRecModel` turns a left-padded `Batch` into hidden states `(B, T, D)`; task heads and
+losses live in `rec.heads`, serving export in `rec.export`. The backbone is built from a
+`transformers.LlamaConfig` (no hub download) and fed `inputs_embeds`:
+
+    x_t = item_t + mean(categories of item_t) + behavior_t + position_t (+ time gap_t)
+
+The output layer is tied to the input item table: interest logits are `h @ item_embeddings().T`.
+
+    model = SeqRecModel(ModelConfig(size="tiny"), DataDims(n_items=12000, n_categories=300),
+                        item_categories)  # (n_items + 1, C) int64, 0 = no category
+    h = model(batch)  # (B, T, D)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from rec.data.batch import N_GAP_TOKENS, Batch
+from rec.data.schema import N_BEHAVIOR_TOKENS
+
+INIT_STD = 0.02  # GPT-2 / Llama default; keeps the tied output logits small at start
+
+
+@dataclass(frozen=True)
+class SizePreset:
+    """Backbone shape for one `ModelConfig.size`."""
+
+    hidden_size: int  # model width D
+    n_layers: int  # decoder layers
+    n_heads: int  # attention heads (head dim = hidden_size / n_heads)
+    ffn_size: int  # Llama (SwiGLU) MLP inner width
+
+
+SIZE_PRESETS: dict[str, SizePreset] = {
+    # ~1M parameters with a 12k-item table: the item table dominates, CPU smoke runs.
+    "tiny": SizePreset(hidden_size=64, n_layers=2, n_heads=2, ffn_size=256),
+    # ~2.8M with 12k items: the CPU default for Amazon Beauty.
+    "small": SizePreset(hidden_size=128, n_layers=4, n_heads=4, ffn_size=512),
+    # ~41M with 12k items: one GPU.
+    "base": SizePreset(hidden_size=512, n_layers=8, n_heads=8, ffn_size=2048),
+    # ~1.17B with 12k items, TinyLlama-shaped (no grouped-query attention): DeepSpeed ZeRO.
+    "large": SizePreset(hidden_size=2048, n_layers=22, n_heads=16, ffn_size=5632),
+}
+
+
+@dataclass
+class LossWeights:
+    """Static weight per task; 0 switches a task off (its head is still built and exported)."""
+
+    interest: float = 1.0  # next-item softmax
+    relevance: float = 0.5  # P(strong engagement) BCE
+    diversity: float = 0.2  # P(next item opens a new category) BCE
+
+
+@dataclass
+class ModelConfig:
+    """Everything that shapes the network and its losses (data sizes live in `DataDims`)."""
+
+    size: Literal["tiny", "small", "base", "large"] = "tiny"  # backbone preset, see SIZE_PRESETS
+    hidden_size: int | None = None  # None: the preset's width
+    n_layers: int | None = None  # None: the preset's depth
+    n_heads: int | None = None  # None: the preset's head count
+    ffn_size: int | None = None  # None: the preset's MLP width
+    max_len: int = 50  # longest input sequence; sizes the learned position table
+    dropout: float = 0.1  # on input embeddings and attention probabilities
+    use_time_gaps: bool = True  # add the log2 time-gap token embedding to each event
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # HF attention
+    interest_loss: Literal["full", "sampled"] = "full"  # softmax over all items, or sampled
+    n_negatives: int = 1024  # "sampled": negatives shared across the batch (logQ-corrected)
+    temperature: float = 1.0  # interest logits are h . e / temperature
+    relevance_mode: Literal["auto", "graded", "sampled"] = "auto"  # auto: graded iff engaged data
+    relevance_negatives: int = 1  # relevance "sampled": random negatives per positive
+    diversity_window: int = 10  # "new category" = not among the last this many input items
+    loss_weights: LossWeights = field(default_factory=LossWeights)  # per-task weights
+    uncertainty_weighting: bool = False  # learn log sigma^2 per task (Kendall et al. 2018)
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZE_PRESETS:
+            raise ValueError(f"model.size={self.size!r} is not one of {list(SIZE_PRESETS)}")
+        for name in ("hidden_size", "n_layers", "n_heads", "ffn_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{name} must be >= 1 or null, got {value!r}")
+        arch = self.architecture()
+        if arch.hidden_size % arch.n_heads:
+            raise ValueError(
+                f"model.hidden_size={arch.hidden_size!r} is not divisible by "
+                f"model.n_heads={arch.n_heads!r}"
+            )
+        for name in ("max_len", "n_negatives", "relevance_negatives", "diversity_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {self.temperature!r}")
+        weights = self.loss_weights
+        for name in ("interest", "relevance", "diversity"):
+            if getattr(weights, name) < 0:
+                raise ValueError(f"model.loss_weights.{name} must be >= 0")
+
+    def architecture(self) -> SizePreset:
+        """The preset for `size` with the non-null overrides applied."""
+        preset = SIZE_PRESETS[self.size]
+        return SizePreset(
+            hidden_size=self.hidden_size or preset.hidden_size,
+            n_layers=self.n_layers or preset.n_layers,
+            n_heads=self.n_heads or preset.n_heads,
+            ffn_size=self.ffn_size or preset.ffn_size,
+        )
+
+
+@dataclass
+class DataDims:
+    """Data-dependent sizes the network is built with; exported next to the weights."""
+
+    n_items: int  # item vocabulary size without padding (indices 1..n_items)
+    n_categories: int  # category vocabulary size without padding (indices 1..n_categories)
+    n_behaviors: int = N_BEHAVIOR_TOKENS  # behavior tokens including padding 0
+    n_gaps: int = N_GAP_TOKENS  # time-gap tokens including padding 0
+    has_engaged: bool = True  # training data has engaged behaviors (resolves relevance "auto")
+
+    def __post_init__(self) -> None:
+        for name in ("n_items", "n_categories", "n_behaviors", "n_gaps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data dims: {name} must be >= 1, got {getattr(self, name)!r}")
+
+
+def resolve_relevance_mode(cfg: ModelConfig, dims: DataDims) -> Literal["graded", "sampled"]:
+    """Relevance mode "auto" -> "graded" if the data has engaged behaviors, else "sampled"."""
+    if cfg.relevance_mode != "auto":
+        return cfg.relevance_mode
+    return "graded" if dims.has_engaged else "sampled"
+
+
+def llama_config(cfg: ModelConfig) -> LlamaConfig:
+    """The backbone's HF config. vocab_size=1: we feed `inputs_embeds`, tokens are unused."""
+    arch = cfg.architecture()
+    return LlamaConfig(
+        vocab_size=1,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.ffn_size,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        num_key_value_heads=arch.n_heads,
+        max_position_embeddings=cfg.max_len,
+        attention_dropout=cfg.dropout,
+        initializer_range=INIT_STD,
+        rms_norm_eps=1e-6,
+        use_cache=False,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+class SeqRecModel(nn.Module):
+    """Left-padded event sequences -> causal hidden states `(B, T, D)` after a final RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, dims: DataDims, item_categories: torch.Tensor) -> None:
+        super().__init__()
+        expected = dims.n_items + 1
+        shape = tuple(item_categories.shape)
+        if item_categories.dim() != 2 or shape[0] != expected:
+            raise ValueError(f"item_categories must have shape ({expected}, C), got {shape}")
+        self.cfg, self.dims = cfg, dims
+        d = cfg.architecture().hidden_size
+        # (n_items + 1, C) int64: category indices per item, 0 = none; saved with the weights
+        # because serving needs the same item table.
+        self.register_buffer("item_categories", item_categories.to(torch.long))
+        self.item_emb = nn.Embedding(dims.n_items + 1, d, padding_idx=0)
+        # mode="mean" with padding_idx averages only an item's real categories (none -> zeros).
+        self.category_emb = nn.EmbeddingBag(dims.n_categories + 1, d, mode="mean", padding_idx=0)
+        self.behavior_emb = nn.Embedding(dims.n_behaviors, d, padding_idx=0)
+        self.position_emb = nn.Embedding(cfg.max_len + 1, d, padding_idx=0)
+        self.gap_emb = nn.Embedding(dims.n_gaps, d, padding_idx=0) if cfg.use_time_gaps else None
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.backbone = LlamaModel(llama_config(cfg))
+        # Token embeddings are never used; dropping them keeps DDP/ZeRO free of unused params.
+        self.backbone.embed_tokens = None
+        self._init_embeddings()
+
+    def _init_embeddings(self) -> None:
+        for emb in (self.item_emb, self.category_emb, self.behavior_emb, self.position_emb):
+            nn.init.normal_(emb.weight, std=INIT_STD)
+        if self.gap_emb is not None:
+            nn.init.normal_(self.gap_emb.weight, std=INIT_STD)
+        with torch.no_grad():
+            for emb in (self.item_emb, self.category_emb, self.behavior_emb, self.position_emb):
+                emb.weight[0].zero_()
+            if self.gap_emb is not None:
+                self.gap_emb.weight[0].zero_()
+
+    @property
+    def hidden_size(self) -> int:
+        return self.item_emb.embedding_dim
+
+    def item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """Item indices `(...)` -> item vectors `(..., D)`: item row + mean category row.
+
+        Index 0 (padding) maps to the zero vector. This is the only definition of an item's
+        vector: inputs, tied output logits and the relevance head all use it.
+        """
+        cats = self.item_categories[idx.reshape(-1)]  # (N, C)
+        vec = self.item_emb(idx.reshape(-1)) + self.category_emb(cats)  # (N, D)
+        return vec.reshape(*idx.shape, -1)  # (..., D)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """The full output table `(n_items + 1, D)`; row 0 is padding (zeros)."""
+        all_items = torch.arange(self.dims.n_items + 1, device=self.item_emb.weight.device)
+        return self.item_vectors(all_items)  # (n_items + 1, D)
+
+    def forward(self, batch: Batch, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """`Batch` -> hidden states `(B, T, D)`; padding positions hold junk, mask them.
+
+        Pass `item_table` (from `item_embeddings()`) when the caller needs the full table anyway
+        (full softmax, scoring): inputs are then gathered from it instead of recomputed.
+        """
+        items = batch.items  # (B, T)
+        if items.shape[1] > self.cfg.max_len:
+            raise ValueError(f"sequence length {items.shape[1]} > model.max_len={self.cfg.max_len}")
+        mask = items > 0  # (B, T)
+        # Positions count real events from the first one, so extra left padding changes nothing.
+        positions = mask.long().cumsum(dim=1) * mask  # (B, T), 0 on padding
+        gathered = item_table is not None
+        x = F.embedding(items, item_table) if gathered else self.item_vectors(items)  # (B, T, D)
+        x = x + self.behavior_emb(batch.behaviors) + self.position_emb(positions)  # (B, T, D)
+        if self.gap_emb is not None:
+            x = x + self.gap_emb(batch.gaps)  # (B, T, D)
+        x = self.input_dropout(x)  # (B, T, D)
+        out = self.backbone(
+            inputs_embeds=x,
+            attention_mask=mask.long(),
+            position_ids=(positions - 1).clamp(min=0),  # RoPE wants 0-based
+        )
+        return out.last_hidden_state  # (B, T, D)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (works on meta-device models, nothing is allocated)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def model_summary(model: SeqRecModel, total: nn.Module | None = None) -> str:
+    """One line for the trainer's log: shape, data sizes, parameter counts."""
+    arch, dims = model.cfg.architecture(), model.dims
+    n_total = count_parameters(total if total is not None else model)
+    n_backbone = count_parameters(model.backbone)
+    n_items = model.item_emb.weight.numel() + model.category_emb.weight.numel()
+    return (
+        f"SeqRecModel size={model.cfg.size} hidden={arch.hidden_size} layers={arch.n_layers} "
+        f"heads={arch.n_heads} ffn={arch.ffn_size} max_len={model.cfg.max_len} "
+        f"items={dims.n_items} categories={dims.n_categories} params={_millions(n_total)} "
+        f"(backbone {_millions(n_backbone)}, item+category tables {_millions(n_items)})"
+    )

@@ -1,0 +1,173 @@
+"""Readers on the real files and on malformed input (no Ray: the pure reading path)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import polars as pl
+import pytest
+
+from rec.data.config import DataConfig
+from rec.data.local import prepare_local
+from rec.data.readers import plan, read_chunk
+from rec.data.textio import DataError, plan_text_chunks
+from tests.conftest import BEAUTY, MOVIELENS, TAOBAO, need
+
+
+def read_all(cfg: DataConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    p = plan(cfg)
+    ev, bad = [], []
+    for chunk in p.chunks:
+        for e, q in read_chunk(chunk, cfg, p.files):
+            ev.append(pl.from_arrow(e))
+            bad.append(pl.from_arrow(q))
+    return pl.concat(ev), pl.concat(bad)
+
+
+def test_amazon_beauty_counts_as_published(tmp_path):
+    stats = prepare_local(DataConfig(format="amazon", path=str(need(BEAUTY))), tmp_path)
+    assert (stats["n_users"], stats["n_items"], stats["n_interactions"]) == (22363, 12101, 198502)
+    assert stats["n_categories"] == 637 and stats["rows_quarantined"] == 0
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["timestamp_kind"] == "position" and not meta["has_engaged_behaviors"]
+
+
+def test_taobao_slice_counts():
+    events, bad = read_all(DataConfig(format="taobao", path=str(need(TAOBAO))))
+    assert events.height == 10000 and bad.height == 0
+    assert events["user_id"].n_unique() == 114
+    assert events["item_id"].n_unique() == 7623
+    assert events["category_ids"].explode().n_unique() == 1096
+    assert set(events["behavior"].unique()) == {"pv", "cart", "fav", "buy"}
+
+
+def test_taobao_window_quarantines_outliers():
+    cfg = DataConfig(
+        format="taobao",
+        path=str(need(TAOBAO)),
+        min_timestamp="2017-11-24T16:00:00",
+        max_timestamp=1512316800,
+    )
+    events, bad = read_all(cfg)
+    assert events.height + bad.height == 10000
+    assert bad.height > 0 and set(bad["reason"]) == {"timestamp_out_of_window"}
+    assert events["timestamp"].min() >= 1511539200
+
+
+def test_movielens_counts_from_tarball():
+    events, bad = read_all(DataConfig(format="movielens", path=str(need(MOVIELENS))))
+    assert (events.height, bad.height) == (100000, 0)
+    assert events["user_id"].n_unique() == 943 and events["item_id"].n_unique() == 1682
+    assert events["category_ids"].explode().n_unique() == 19  # genres
+    assert events["value"].min() == 1.0 and events["value"].max() == 5.0
+
+
+def test_movielens_from_directory(tmp_path):
+    import tarfile
+
+    with tarfile.open(need(MOVIELENS)) as tar:
+        tar.extractall(
+            tmp_path,
+            members=[m for m in tar.getmembers() if m.name.endswith(("u.data", "u.item"))],
+            filter="data",
+        )
+    events, _ = read_all(DataConfig(format="movielens", path=str(tmp_path)))
+    assert events.height == 100000
+
+
+def write_lines(path, lines, compress=False):
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if compress else data)
+    return str(path)
+
+
+GOOD = ["1,10,100,pv,1511600000", "1,11,100,cart,1511600010", "2,10,100,buy,1511600020"]
+
+
+def test_malformed_rows_are_counted_by_reason(tmp_path):
+    lines = GOOD + [
+        "1,10,100,pv,12x",  # bad number
+        "1,10,pv,1511600000",  # too few fields
+        "1,10,100,pv,1511600000,extra",  # too many
+        "1,,100,pv,1511600000",  # missing field
+        "1,10,100,click,1511600000",  # unknown behavior
+        "99999999999999999999999,10,100,pv,1511600000",  # overflows int64
+        "",  # blank lines are not rows
+    ]
+    events, bad = read_all(DataConfig(format="taobao", path=write_lines(tmp_path / "x.csv", lines)))
+    assert events.height == 3
+    counts = dict(bad.group_by("reason").len().iter_rows())
+    assert counts == {"bad_number": 2, "field_count": 2, "missing_field": 1, "unknown_behavior": 1}
+    assert set(bad["raw"]) == set(lines[3:9])
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "file is empty"),
+        (b"\n\n", "no data lines"),
+        ("\n".join(g.replace(",", ";") for g in GOOD).encode(), "wrong delimiter"),
+    ],
+)
+def test_unreadable_files_give_one_clear_error(tmp_path, content, match):
+    path = tmp_path / "x.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match):
+        plan(DataConfig(format="taobao", path=str(path)))
+
+
+def test_missing_file_and_truncated_gzip(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        plan(DataConfig(format="taobao", path=str(tmp_path / "nope.csv")))
+    full = gzip.compress(("\n".join(GOOD * 5000) + "\n").encode())
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(full[: len(full) // 2])
+    cfg = DataConfig(format="taobao", path=str(path))
+    with pytest.raises(DataError, match="truncated gzip"):
+        read_all(cfg)
+
+
+def test_amazon_needs_attributes_beside(tmp_path):
+    seq = write_lines(tmp_path / "Toys.txt", ["1 5 6 7", "2 5 x 7", "3"])
+    with pytest.raises(DataError, match="Toys_item2attributes"):
+        plan(DataConfig(format="amazon", path=seq))
+    (tmp_path / "Toys_item2attributes.json").write_text(json.dumps({"5": [1, 2], "6": [2]}))
+    events, bad = read_all(DataConfig(format="amazon", path=seq))
+    assert events["timestamp"].to_list() == [0, 1, 2]
+    assert events["category_ids"].to_list() == [[1, 2], [2], []]
+    assert dict(bad.group_by("reason").len().iter_rows()) == {"bad_number": 1, "field_count": 1}
+
+
+def test_parquet_canonical_and_missing_columns(tmp_path):
+    df = pl.DataFrame(
+        {
+            "user_id": [1, 1, 2, None],
+            "item_id": [5, 6, 5, 5],
+            "category_ids": [[1], [1, 2], [], [1]],
+            "behavior": ["pv", "buy", "teleport", "pv"],
+            "timestamp": [10, 20, 30, 40],
+        }
+    )
+    df.write_parquet(tmp_path / "ok.parquet")
+    events, bad = read_all(DataConfig(format="parquet", path=str(tmp_path / "ok.parquet")))
+    assert events.height == 2
+    assert sorted(bad["reason"]) == ["missing_field", "unknown_behavior"]
+    df.drop("behavior").write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match="behavior"):
+        read_all(DataConfig(format="parquet", path=str(tmp_path / "bad.parquet")))
+
+
+def test_byte_range_chunks_read_every_line_once(tmp_path):
+    lines = [f"{u},{u * 7},{u % 3},pv,{1511600000 + u}" for u in range(2000)]
+    path = write_lines(tmp_path / "big.csv", lines)
+    for size in (37, 100, 4096):
+        chunks = plan_text_chunks(path, size)
+        assert len(chunks) > 1
+        cfg = DataConfig(format="taobao", path=path)
+        got = []
+        for chunk in chunks:
+            for events, bad in read_chunk(chunk, cfg, [path]):
+                assert bad.num_rows == 0
+                got += events["user_id"].to_pylist()
+        assert got == list(range(2000))
