@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from jobs.common import RayConfig
 from rec.data.config import DataConfig
+from rec.model import ModelConfig
+from rec.train_config import TrainConfig
 
 
 @dataclass
@@ -14,5 +16,9 @@ class RunConfig:
     output_dir: str = "outputs/smoke"
     # Raw data source and sequence building (rec/data/config.py).
     data: DataConfig = field(default_factory=DataConfig)
+    # The transformer and its task heads (rec/model.py); max_len follows data.max_len.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Ray Train + DeepSpeed training (rec/train_config.py).
+    train: TrainConfig = field(default_factory=TrainConfig)
     # How the job reaches Ray.
     ray: RayConfig = field(default_factory=RayConfig)

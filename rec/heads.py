@@ -232,6 +232,10 @@ class Recommender(nn.Module):
         q = weights / weights.sum()  # (N + 1,)
         self.log_q.copy_(q.log().float())
 
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training role (what DeepSpeed's engine calls): `loss(batch)`."""
+        return self.loss(batch)
+
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats)."""
         batch = trim_padding(batch)

@@ -1,0 +1,287 @@
+"""Ray Train + DeepSpeed training of the multi-task recommender (the distributing layer).
+
+`fit(spec)` runs a `TorchTrainer` whose workers each execute `train_loop_per_worker`: the
+loop reads top to bottom -- shard -> forward -> backward -> step -> validate -> checkpoint ->
+report. Every rank saves its DeepSpeed shard into the checkpoint, rank 0 adds a consolidated
+serving export (safetensors + config), and a crashed worker group restarts from the latest
+checkpoint with its step count intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from rec.evaluation import build_recommender, load_item_tables
+from rec.metrics import RankingEvaluator
+from rec.model import ModelConfig, count_parameters, model_summary
+from rec.ray_dataset import BatchCollate, training_dataset
+from rec.train_config import TrainConfig
+
+SCORE = "valid.ndcg@10"  # early stopping and best-checkpoint metric
+CKPT_TAG = "ds"  # DeepSpeed checkpoint tag (a subdirectory; "latest" is its pointer file)
+
+
+@dataclass
+class TrainSpec:
+    """Everything a worker needs (picklable): configs and absolute paths."""
+
+    model: ModelConfig
+    train: TrainConfig
+    prepared_dir: str
+    storage_dir: str  # Ray Train run storage (checkpoints)
+    extensions_dir: str  # TORCH_EXTENSIONS_DIR for DeepSpeed's compiled ops
+
+
+def fit(spec: TrainSpec, name: str = "train") -> ray.train.Result:
+    """Train with Ray Train on the current Ray cluster; returns the Ray Train result."""
+    cfg = spec.train
+    datasets = {
+        "train": training_dataset(spec.prepared_dir, "train", spec.model.max_len),
+        "valid": training_dataset(spec.prepared_dir, "valid", spec.model.max_len),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.cpus_per_worker,
+                **({"GPU": 1} if cfg.use_gpu else {}),
+            },
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=spec.storage_dir,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=3, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+        ),
+        datasets=datasets,
+    )
+    return trainer.fit()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    spec: TrainSpec = config["spec"]
+    cfg = spec.train
+    _worker_env(spec)
+    import deepspeed  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator at import
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    tables = load_item_tables(spec.prepared_dir)
+    model = build_recommender(spec.model, tables)
+    if rank == 0:
+        print(f"[train] {model_summary(model.model, model)} | workers={world}", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=None if cfg.deepspeed.offload_optimizer else opt,
+        lr_scheduler=None if cfg.deepspeed.offload_optimizer else sched,
+        model_parameters=model.parameters() if cfg.deepspeed.offload_optimizer else None,
+        config=deepspeed_config(cfg),
+    )
+    state = _restore(engine, cfg)
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    rng = np.random.default_rng(cfg.seed + 1000 * state["epoch"] + rank)
+    collate = BatchCollate()
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        engine.train()
+        t0, tokens, seqs, losses = time.perf_counter(), 0, 0, []
+        big = cfg.batch_size * cfg.length_buckets
+        for chunk in train_shard.iter_torch_batches(
+            batch_size=big, collate_fn=collate, local_shuffle_buffer_size=4 * big
+        ):
+            for batch in _length_batches(chunk, cfg.batch_size, rng):
+                loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
+                engine.backward(loss)
+                engine.step()
+                if engine.is_gradient_accumulation_boundary():
+                    state["step"] += 1
+                tokens += int((batch.items > 0).sum())
+                seqs += batch.size
+                losses.append(logs)
+                _maybe_inject_failure(cfg, rank, state["step"], spec.storage_dir)
+                if cfg.max_steps and state["step"] >= cfg.max_steps:
+                    break
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
+        train_s = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "train_seconds": round(train_s, 2),
+            "train_seq_per_s": round(seqs * world / train_s, 1),
+            "train_tokens_per_s": round(tokens * world / train_s, 1),
+            **{f"train.{k}": float(np.mean([x[k] for x in losses])) for k in losses[0]},
+        }
+        done = bool(cfg.max_steps and state["step"] >= cfg.max_steps) or epoch + 1 == cfg.epochs
+        if (epoch + 1) % cfg.eval_every == 0 or done:
+            metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size, collate)
+            if metrics[SCORE] > state["best"]:
+                state["best"], state["bad_evals"] = metrics[SCORE], 0
+            else:
+                state["bad_evals"] += 1
+            metrics["best." + SCORE] = state["best"]
+        state["epoch"] = epoch + 1
+        stop = done or (
+            cfg.early_stop_patience is not None and state["bad_evals"] > cfg.early_stop_patience
+        )
+        _checkpoint_and_report(engine, state, metrics, rank, spec, stop)
+        if rank == 0:
+            print(
+                f"[train] {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})}",
+                flush=True,
+            )
+        if stop:
+            break
+
+
+@torch.no_grad()
+def validate(model, shard, tables, batch_size: int, collate) -> dict[str, float]:
+    """Full-ranking metrics on this rank's validation shard, merged over all ranks."""
+    ev = RankingEvaluator(torch.as_tensor(tables.categories), torch.as_tensor(tables.train_counts))
+    model.eval()
+    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
+        ev.update(model.score_next(batch).float(), batch.targets[:, -1], batch.items)
+    model.train()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, ev)
+        ev = parts[0]
+        for other in parts[1:]:
+            ev.merge(other)
+    return ev.compute("valid")
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:  # DeepSpeed builds DeepSpeedCPUAdam for an offloaded AdamW
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        }
+        out["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0,
+                "warmup_max_lr": cfg.lr,
+                "warmup_num_steps": max(1, cfg.warmup_steps),
+            },
+        }
+    return out
+
+
+def _length_batches(chunk, batch_size: int, rng: np.random.Generator):
+    """Split a big shuffled chunk into batches of similar length (less padding per batch)."""
+    lengths = (chunk.items > 0).sum(1).numpy()
+    order = np.argsort(lengths, kind="stable")
+    parts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for j in rng.permutation(len(parts)):
+        idx = torch.as_tensor(parts[j])
+        yield type(chunk)(**{k: v[idx] for k, v in chunk.__dict__.items()})
+
+
+def _restore(engine, cfg: TrainConfig) -> dict:
+    """Latest checkpoint of this run (after a failure), else `train.resume_from`, else fresh."""
+    state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_evals": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg.resume_from:
+        ckpt = Checkpoint(cfg.resume_from)
+    if ckpt is None:
+        return state
+    with ckpt.as_directory() as d:
+        engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
+        state |= json.loads((Path(d) / "state.json").read_text())
+    print(f"[train] resumed at epoch {state['epoch']} step {state['step']}", flush=True)
+    return state
+
+
+def _checkpoint_and_report(engine, state, metrics, rank: int, spec: TrainSpec, final: bool) -> None:
+    """Every rank saves its DeepSpeed shard; rank 0 adds the serving export and state."""
+    from rec.export import save_export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=CKPT_TAG)
+        weights = _consolidated_state_dict(engine, spec.train.deepspeed.zero_stage)
+        if rank == 0:
+            (Path(tmp) / "state.json").write_text(json.dumps(state))
+            save_export(
+                engine.module, Path(tmp) / "export", extra={"metrics": metrics}, state_dict=weights
+            )
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the module (ZeRO-3 gathers its parameter shards on every rank)."""
+    module = engine.module
+    if zero_stage < 3:
+        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _maybe_inject_failure(cfg: TrainConfig, rank: int, step: int, storage: str) -> None:
+    """Test hook: on the first attempt only, rank 1 dies hard at the configured step."""
+    if cfg.inject_failure_at_step is None or rank != 1 or step != cfg.inject_failure_at_step:
+        return
+    marker = Path(storage) / "injected_failure"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_env(spec: TrainSpec) -> None:
+    if not spec.train.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", spec.extensions_dir)
+    threads = spec.train.threads_per_worker or max(1, round(spec.train.cpus_per_worker + 0.49))
+    torch.set_num_threads(threads)
+
+
+def describe(spec: TrainSpec, tables) -> dict:
+    """Sizes for the job log and metrics.json (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = build_recommender(spec.model, tables)
+    return {
+        "parameters": count_parameters(model),
+        "model": asdict(spec.model),
+        "train": asdict(spec.train),
+    }

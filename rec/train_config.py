@@ -1,0 +1,74 @@
+"""TrainConfig: how the recommender is trained (Ray Train scaling, DeepSpeed, optimisation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded.
+    zero_stage: int = 2
+    # bf16 mixed precision (fp32 master weights) or plain fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # ZeRO 2/3: keep optimizer states and run the step on the CPU (DeepSpeedCPUAdam; compiles
+    # its C++ op once, ~70 s, cached in TORCH_EXTENSIONS_DIR).
+    offload_optimizer: bool = False
+    # Clip the global gradient norm (0 = off).
+    gradient_clipping: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.deepspeed.zero_stage must be 0..3, got {self.zero_stage!r}")
+        if self.offload_optimizer and self.zero_stage < 2:
+            raise ValueError("train.deepspeed.offload_optimizer needs zero_stage 2 or 3")
+
+
+@dataclass
+class TrainConfig:
+    # Ray Train workers, and resources of each (fractional CPUs leave room for Ray Data's
+    # readers on a 2-core machine).
+    num_workers: int = 2
+    cpus_per_worker: float = 0.5
+    use_gpu: bool = False
+    # Epochs over the train split (early stopping may end sooner), and an optional cap on
+    # optimizer steps (smoke runs, benchmarks).
+    epochs: int = 30
+    max_steps: int | None = None
+    # Micro-batch per worker; the global batch is batch_size * num_workers * grad_accum.
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Linear warm-up steps, then constant (AdamW).
+    warmup_steps: int = 100
+    # Group rows of similar length into a batch (rec.evaluation.iter_batches): fewer padded
+    # tokens for the same examples; 1 turns it off.
+    length_buckets: int = 8
+    # Validate every this many epochs; stop after this many validations without a better
+    # valid NDCG@10 (None: never stop early).
+    eval_every: int = 1
+    early_stop_patience: int | None = 5
+    eval_batch_size: int = 512
+    # torch threads per worker (None: cpus_per_worker rounded up).
+    threads_per_worker: int | None = None
+    seed: int = 0
+    # Restarts of the worker group after a failure (resumes from the latest checkpoint).
+    max_failures: int = 2
+    # Start from this Ray Train checkpoint directory (a previous run's) instead of scratch.
+    resume_from: str | None = None
+    # Where the prepared data is (None: <output_dir>/data, prepared first if missing).
+    prepared_dir: str | None = None
+    # Failure injection for tests: rank 1 kills its process once at this optimizer step.
+    inject_failure_at_step: int | None = None
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "epochs", "batch_size", "grad_accum", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
