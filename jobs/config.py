@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from jobs.common import RayConfig
 from rec.data.config import DataConfig
 from rec.model import ModelConfig
-from rec.train_config import TrainConfig
+from rec.train_config import SweepConfig, TrainConfig
 
 
 @dataclass
@@ -20,5 +20,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # Ray Train + DeepSpeed training (rec/train_config.py).
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Hyper-parameter sweep (jobs/tune.py) over the training above.
+    tune: SweepConfig = field(default_factory=SweepConfig)
     # How the job reaches Ray.
     ray: RayConfig = field(default_factory=RayConfig)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from jobs.common import init_ray, main_guard, parse_args
 from jobs.config import RunConfig
-from rec.evaluation import evaluate, iter_batches, load_examples, load_item_tables
+from rec.evaluation import eval_batches, evaluate, load_examples, load_item_tables
 from rec.export import load_export
 from rec.ray_prepare import prepare
-from rec.train import SCORE, TrainSpec, describe, fit
+from rec.train import SCORE, TrainSpec, count_steps_per_epoch, describe, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,9 +40,13 @@ def run(cfg: RunConfig) -> dict:
         model=model_config_for(cfg, tables.meta),
         train=cfg.train,
         prepared_dir=str(prepared),
+        steps_per_epoch=count_steps_per_epoch(prepared, cfg.train),
         storage_dir=str(out / "ray"),
         extensions_dir=str(ROOT / ".cache" / "torch_extensions"),
     )
+    # A fresh run each time: Ray Train would otherwise continue an earlier run stored under
+    # the same name. To continue one on purpose, pass train.resume_from=<checkpoint dir>.
+    shutil.rmtree(out / "ray" / "train", ignore_errors=True)
     info = describe(spec, tables)
     print(f"[train] {info['parameters']:,} parameters; data {prepared}", flush=True)
     result = fit(spec)
@@ -89,7 +93,7 @@ def test_metrics(export: Path, prepared: Path, batch_size: int) -> dict:
     model = load_export(export)
     tables = load_item_tables(prepared)
     test = load_examples(prepared, "test", model.cfg.max_len)
-    metrics = evaluate(model, iter_batches(test, batch_size), tables, "test", popular=True)
+    metrics = evaluate(model, eval_batches(test, batch_size), tables, "test", popular=True)
     trained = json.loads((export / "model_config.json").read_text())["extra"]["metrics"]
     return metrics | {f"best.{k}": v for k, v in trained.items()}
 

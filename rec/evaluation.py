@@ -16,10 +16,10 @@ import polars as pl
 import torch
 
 from rec.data.batch import Batch, collate, make_examples
-from rec.heads import Recommender
-from rec.model import DataDims, ModelConfig
 from rec.data.outputs import item_category_table
+from rec.heads import Recommender
 from rec.metrics import RankingEvaluator, popularity_scores
+from rec.model import DataDims, ModelConfig
 
 
 @dataclass
@@ -93,6 +93,12 @@ def iter_batches(
         chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     for idx in chunks:
         yield collate({k: v[idx] for k, v in examples.items()})
+
+
+def eval_batches(examples: dict[str, np.ndarray], batch_size: int) -> Iterator[Batch]:
+    """All rows sorted by history length, then batched: eval scores don't depend on order,
+    and sorted batches carry ~6x fewer padded tokens on Beauty."""
+    return iter_batches(examples, batch_size, None, length_buckets=len(examples["items"]) + 1)
 
 
 def history_of(batch: Batch) -> torch.Tensor:

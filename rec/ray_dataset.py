@@ -18,6 +18,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from rec.data.batch import Batch, collate, make_examples
 from rec.data.outputs import SPLITS
 
+DATA_TASK_CPUS = 0.1
+
 
 def training_dataset(
     prepared_dir: str | Path, split: str = "train", max_len: int | None = None
@@ -34,8 +36,12 @@ def training_dataset(
         raise FileNotFoundError(f"{prepared_dir}: no meta.json; run jobs.prepare into it first")
     if max_len is None:
         max_len = json.loads(meta_path.read_text())["max_len"]
-    ds = ray.data.read_parquet(str(prepared_dir / split))
-    return ds.map_batches(make_examples, batch_format="numpy", fn_kwargs={"max_len": max_len})
+    # Small CPU shares: reading and padding are light, and whole-CPU tasks would wait forever
+    # behind Train workers (and Tune trials) holding fractions of a 2-CPU machine.
+    ds = ray.data.read_parquet(str(prepared_dir / split), num_cpus=DATA_TASK_CPUS)
+    return ds.map_batches(
+        make_examples, batch_format="numpy", fn_kwargs={"max_len": max_len}, num_cpus=DATA_TASK_CPUS
+    )
 
 
 class BatchCollate(NumpyBatchCollateFn):

@@ -10,7 +10,9 @@ checkpoint with its step count intact.
 from __future__ import annotations
 
 import json
+import math
 import os
+import resource
 import signal
 import tempfile
 import time
@@ -41,12 +43,16 @@ class TrainSpec:
     model: ModelConfig
     train: TrainConfig
     prepared_dir: str
+    steps_per_epoch: int  # optimizer steps in one epoch over the train split (LR schedule)
     storage_dir: str  # Ray Train run storage (checkpoints)
     extensions_dir: str  # TORCH_EXTENSIONS_DIR for DeepSpeed's compiled ops
 
 
-def fit(spec: TrainSpec, name: str = "train") -> ray.train.Result:
-    """Train with Ray Train on the current Ray cluster; returns the Ray Train result."""
+def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> ray.train.Result:
+    """Train with Ray Train on the current Ray cluster; returns the Ray Train result.
+
+    callbacks: Ray Train user callbacks (e.g. Tune's TuneReportCallback inside a sweep).
+    """
     cfg = spec.train
     datasets = {
         "train": training_dataset(spec.prepared_dir, "train", spec.model.max_len),
@@ -68,6 +74,7 @@ def fit(spec: TrainSpec, name: str = "train") -> ray.train.Result:
             name=name,
             storage_path=spec.storage_dir,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=3, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
@@ -91,8 +98,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         print(f"[train] {model_summary(model.model, model)} | workers={world}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, cfg.warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spec.steps_per_epoch))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=None if cfg.deepspeed.offload_optimizer else opt,
@@ -114,6 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=big, collate_fn=collate, local_shuffle_buffer_size=4 * big
         ):
             for batch in _length_batches(chunk, cfg.batch_size, rng):
+                batch = batch.to(engine.device)
                 loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
                 engine.backward(loss)
                 engine.step()
@@ -134,8 +141,11 @@ def train_loop_per_worker(config: dict) -> None:
             "train_seconds": round(train_s, 2),
             "train_seq_per_s": round(seqs * world / train_s, 1),
             "train_tokens_per_s": round(tokens * world / train_s, 1),
+            "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **{f"train.{k}": float(np.mean([x[k] for x in losses])) for k in losses[0]},
         }
+        if torch.cuda.is_available():
+            metrics["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         done = bool(cfg.max_steps and state["step"] >= cfg.max_steps) or epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or done:
             metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size, collate)
@@ -163,8 +173,10 @@ def validate(model, shard, tables, batch_size: int, collate) -> dict[str, float]
     """Full-ranking metrics on this rank's validation shard, merged over all ranks."""
     ev = RankingEvaluator(torch.as_tensor(tables.categories), torch.as_tensor(tables.train_counts))
     model.eval()
-    for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
-        ev.update(model.score_next(batch).float(), batch.targets[:, -1], batch.items)
+    for chunk in shard.iter_torch_batches(batch_size=8 * batch_size, collate_fn=collate):
+        for batch in _length_batches(chunk, batch_size, None):
+            batch = batch.to(next(model.parameters()).device)
+            ev.update(model.score_next(batch).float(), batch.targets[:, -1], batch.items)
     model.train()
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         parts = [None] * torch.distributed.get_world_size()
@@ -173,6 +185,36 @@ def validate(model, shard, tables, batch_size: int, collate) -> dict[str, float]
         for other in parts[1:]:
             ev.merge(other)
     return ev.compute("valid")
+
+
+def count_steps_per_epoch(prepared_dir: str | Path, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: train rows with a target, split over workers, batched."""
+    import polars as pl
+
+    rows = (
+        pl.scan_parquet(Path(prepared_dir) / "train" / "*.parquet")
+        .filter(pl.col("items").list.len() >= 2)
+        .select(pl.len())
+        .collect()
+        .item()
+    )
+    per_worker = rows // cfg.num_workers
+    return max(1, math.ceil(per_worker / cfg.batch_size) // cfg.grad_accum)
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """Step -> LR multiplier: linear warm-up, then constant or cosine to 0 at the last step."""
+    warmup = max(1, cfg.warmup_steps)
+    total = max(warmup + 1, cfg.max_steps or cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup)
+        if cfg.lr_schedule == "constant":
+            return ramp
+        progress = min(1.0, max(0, step - warmup) / (total - warmup))
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
@@ -205,12 +247,13 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     return out
 
 
-def _length_batches(chunk, batch_size: int, rng: np.random.Generator):
-    """Split a big shuffled chunk into batches of similar length (less padding per batch)."""
+def _length_batches(chunk, batch_size: int, rng: np.random.Generator | None):
+    """Split a big (shuffled) chunk into batches of similar length: less padding per batch.
+    With an rng the batches come in random order, else shortest first."""
     lengths = (chunk.items > 0).sum(1).numpy()
     order = np.argsort(lengths, kind="stable")
     parts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for j in rng.permutation(len(parts)):
+    for j in rng.permutation(len(parts)) if rng is not None else range(len(parts)):
         idx = torch.as_tensor(parts[j])
         yield type(chunk)(**{k: v[idx] for k, v in chunk.__dict__.items()})
 

@@ -1,0 +1,77 @@
+"""Summarise bench/gpu_check.sh runs: tokens/s, MFU and peak GPU memory per configuration.
+
+    python bench/gpu_report.py .cache/gpu_check   # writes bench/results/gpu_check.json
+
+MFU = achieved model FLOP/s / the GPU's dense bf16 peak, with training FLOPs per real token
+~= 6 * backbone parameters + 6 * hidden * n_items (full-softmax output layer) + 12 * layers *
+hidden * mean context (attention scores), the usual 6N accounting (Kaplan et al. 2020).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
+
+
+def main(out: Path) -> None:
+    gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown"
+    peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
+    rows = []
+    for run in sorted(out.glob("*-z*")):
+        metrics_path = run / "metrics.json"
+        if not metrics_path.exists():
+            rows.append({"run": run.name, "error": "no metrics.json (see the run's log)"})
+            continue
+        m = json.loads(metrics_path.read_text())
+        cfg = json.loads((run / "export" / "model_config.json").read_text())
+        hidden, layers, ffn = _arch(cfg)
+        n_items = cfg["data"]["n_items"]
+        backbone = layers * (4 * hidden**2 + 3 * hidden * ffn)  # attention projections + SwiGLU
+        mean_context = 25  # half the 50-event window
+        flops_token = 6 * backbone + 6 * hidden * n_items + 12 * layers * hidden * mean_context
+        tps = m["best.train_tokens_per_s"]
+        rows.append(
+            {
+                "run": run.name,
+                "parameters": m["parameters"],
+                "tokens_per_s": tps,
+                "seq_per_s": m["best.train_seq_per_s"],
+                "gpu_peak_mem_gb": m.get("best.gpu_peak_mem_gb"),
+                "mfu": round(tps * flops_token / peak, 4) if peak else None,
+                "steps": m["best.step"],
+                "hidden": hidden,
+                "layers": layers,
+            }
+        )
+    report = {"gpu": gpu, "peak_bf16_flops": peak, "runs": rows}
+    print(f"GPU: {gpu}")
+    print(f"{'run':12} {'params':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem GB':>11}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['run']:12} {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(
+            f"{r['run']:12} {r['parameters'] / 1e6:7.0f}M {r['tokens_per_s']:10,.0f} {mfu:>6} {r['gpu_peak_mem_gb']!s:>11}"
+        )
+    Path("bench/results/gpu_check.json").write_text(json.dumps(report, indent=2))
+
+
+def _arch(cfg: dict) -> tuple[int, int, int]:
+    """(hidden, layers, ffn) of an exported model config."""
+    from rec.model import SIZE_PRESETS
+
+    m = cfg["model"]
+    preset = SIZE_PRESETS[m["size"]]
+    return (
+        m["hidden_size"] or preset.hidden_size,
+        m["n_layers"] or preset.n_layers,
+        m["ffn_size"] or preset.ffn_size,
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/gpu_check"))

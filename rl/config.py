@@ -1,0 +1,157 @@
+"""Configuration of the simulated-user environment (`rl/env.py`) and its user model
+(`rl/users.py`): plain dataclasses with defaults, loadable from YAML by the generic loader.
+
+Which defaults come from data and which are assumptions is listed in `rl/calibrate.py`;
+`calibrate.apply_calibration` overwrites the calibrated ones from a prepared dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ActionMode = Literal["discrete", "continuous"]
+OnExhausted = Literal["recycle", "end"]
+
+# Discrete actions index this grid: lam in {0, 0.1, ..., 1}.
+N_LAM_LEVELS = 11
+
+
+@dataclass
+class SatiationConfig:
+    """How much each event satiates a category; satiation is a level in [0, 1] per category and
+    an event of strength x closes that fraction of the gap to 1 (see `rl/users.py`). How much
+    satiation costs and how fast it recovers is per user (`TypeConfig`)."""
+
+    # Per shown item: seeing a slate of near-duplicates is tiring before anything is clicked.
+    shown_increment: float = 0.1
+    # Per click: consumption satiates far more than exposure.
+    click_increment: float = 0.5
+    # Per purchase, on top of the click.
+    purchase_increment: float = 0.3
+
+
+@dataclass
+class ChoiceConfig:
+    """Multinomial-logit choice over the shown slate, with a no-click option."""
+
+    # Weight of the log examination probability log(1 / log2(pos + 2)); 0 = no position bias.
+    position_bias: float = 1.0
+    # At most this many clicks per slate (P(going on after a click) is per type: TypeConfig).
+    max_clicks: int = 10
+    # P(purchase | click) = sigmoid(purchase_bias + purchase_slope * standardised affinity).
+    purchase_bias: float = -2.0
+    purchase_slope: float = 1.0
+
+
+@dataclass
+class LeavingConfig:
+    """After each slate: P(leave) = min(cap, base + increment * consecutive no-click slates)."""
+
+    # Leave probability after a satisfying slate. The default is assumed (~3-4 clicks per
+    # session on the synthetic world); `apply_calibration` fits it to a log's session lengths.
+    base: float = 0.1
+    # Added per consecutive unsatisfying (no-click) slate.
+    increment: float = 0.15
+    # Upper bound of the leave probability.
+    cap: float = 0.9
+
+
+@dataclass
+class TypeConfig:
+    """Per-user type: focused (weak satiation, strong preference: relevance-first is best) or
+    explorer (strong satiation: needs diverse slates), parameters jittered per user."""
+
+    # P(explorer) = history_weight * (the user's percentile of logged exploration: category
+    # entropy and non-repeat rate of their history) + (1 - history_weight) * explorer_share.
+    history_weight: float = 0.7
+    explorer_share: float = 0.5  # the exploration-type mix where the history says nothing
+    # Each user's parameters = their type's value * exp(param_noise * N(0, 1)).
+    param_noise: float = 0.2
+    # Utility lost per unit of satiation of an item's categories: explorers tire fast.
+    sensitivity_focused: float = 0.0
+    sensitivity_explorer: float = 4.0
+    # Fraction of satiation kept from one slate to the next (1 - recovery rate).
+    decay_focused: float = 0.9
+    decay_explorer: float = 0.7
+    # Weight of the standardised ground-truth affinity in the utility: focused users care
+    # most about relevance.
+    preference_focused: float = 3.0
+    preference_explorer: float = 1.0
+    # P(going on in the same slate after a click): focused users work through a slate of their
+    # category (clicks add up, so showing the best first pays), explorers take one and move on.
+    continue_focused: float = 0.9
+    continue_explorer: float = 0.4
+    # Utility of not clicking (items compete with it): explorers browse more readily.
+    no_click_focused: float = 2.5
+    no_click_explorer: float = 0.0
+
+
+@dataclass
+class EnvConfig:
+    """One `DiversityEnv`: slate sizes, session limits, reward, action space, user model."""
+
+    k: int = 10  # slate size
+    n_candidates: int = 100  # ranker candidates per user (the first N of SimulatorData's)
+    max_steps: int = 20  # slates per session before truncation
+    purchase_weight: float = 3.0  # reward = clicks + purchase_weight * purchases
+    # "discrete": Discrete(11), lam = action / 10; "continuous": Box([0], [1]), lam = action.
+    action_mode: ActionMode = "discrete"
+    # When fewer than k unshown candidates remain: "recycle" returns shown-but-unclicked ones to
+    # the pool (a feed refresh; clicked items never come back, and the episode truncates if
+    # even that leaves < k); "end" truncates the episode.
+    on_exhausted: OnExhausted = "recycle"
+    entropy_window: int = 3  # slates whose shown categories make the entropy observation
+    seed: int | None = None  # seed of the first reset when the caller passes none
+    satiation: SatiationConfig = field(default_factory=SatiationConfig)
+    choice: ChoiceConfig = field(default_factory=ChoiceConfig)
+    leaving: LeavingConfig = field(default_factory=LeavingConfig)
+    types: TypeConfig = field(default_factory=TypeConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("k", "n_candidates", "max_steps", "entropy_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"env.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.n_candidates < self.k:
+            raise ValueError(f"env.n_candidates ({self.n_candidates!r}) must be >= k ({self.k!r})")
+        if self.action_mode not in ("discrete", "continuous"):
+            raise ValueError(f"env.action_mode must be discrete|continuous: {self.action_mode!r}")
+        if self.on_exhausted not in ("recycle", "end"):
+            raise ValueError(f"env.on_exhausted must be recycle|end, got {self.on_exhausted!r}")
+        if self.purchase_weight < 0:
+            raise ValueError(f"env.purchase_weight must be >= 0, got {self.purchase_weight!r}")
+        _check_user_model(self)
+
+
+def _check_user_model(cfg: EnvConfig) -> None:
+    """Range checks of the nested sections, naming the field."""
+    probs = {
+        "types.continue_focused": cfg.types.continue_focused,
+        "types.continue_explorer": cfg.types.continue_explorer,
+        "leaving.base": cfg.leaving.base,
+        "leaving.increment": cfg.leaving.increment,
+        "leaving.cap": cfg.leaving.cap,
+        "types.history_weight": cfg.types.history_weight,
+        "types.explorer_share": cfg.types.explorer_share,
+        "types.decay_focused": cfg.types.decay_focused,
+        "types.decay_explorer": cfg.types.decay_explorer,
+        "satiation.shown_increment": cfg.satiation.shown_increment,
+        "satiation.click_increment": cfg.satiation.click_increment,
+        "satiation.purchase_increment": cfg.satiation.purchase_increment,
+    }
+    for name, value in probs.items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"env.{name} must be in [0, 1], got {value!r}")
+    if cfg.choice.max_clicks < 1:
+        raise ValueError(f"env.choice.max_clicks must be >= 1, got {cfg.choice.max_clicks!r}")
+    nonneg = {
+        "choice.position_bias": cfg.choice.position_bias,
+        "types.sensitivity_focused": cfg.types.sensitivity_focused,
+        "types.sensitivity_explorer": cfg.types.sensitivity_explorer,
+        "types.param_noise": cfg.types.param_noise,
+        "types.preference_focused": cfg.types.preference_focused,
+        "types.preference_explorer": cfg.types.preference_explorer,
+    }
+    for name, value in nonneg.items():
+        if value < 0:
+            raise ValueError(f"env.{name} must be >= 0, got {value!r}")
