@@ -71,7 +71,7 @@ def ray_deepspeed(prepared: Path, size: str, batch: int, out: Path) -> dict:
             f"train.prepared_dir={prepared}",
             f"model.size={size}",
             "train.num_workers=2",
-            "train.cpus_per_worker=0.9",
+            "train.cpus_per_worker=0.5",
             "train.threads_per_worker=1",
             f"train.batch_size={batch // 2}",
             "train.epochs=1",
