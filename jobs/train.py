@@ -58,7 +58,11 @@ def run(cfg: RunConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     print(
         json.dumps(
-            {k: v for k, v in metrics.items() if k.startswith(("test.", "popular.test.n", "best"))},
+            {
+                k: v
+                for k, v in metrics.items()
+                if k.startswith(("test.", "popular.test.", "best.valid."))
+            },
             indent=2,
         )
     )

@@ -101,11 +101,6 @@ def eval_batches(examples: dict[str, np.ndarray], batch_size: int) -> Iterator[B
     return iter_batches(examples, batch_size, None, length_buckets=len(examples["items"]) + 1)
 
 
-def history_of(batch: Batch) -> torch.Tensor:
-    """Items the user has already interacted with `(B, T)` (the input sequence)."""
-    return batch.items
-
-
 @torch.no_grad()
 def evaluate(
     model, batches, tables: ItemTables, prefix: str, popular: bool = False
@@ -122,9 +117,9 @@ def evaluate(
     model.eval()
     for batch in batches:
         targets = batch.targets[:, -1]
-        ev.update(model.score_next(batch), targets, history_of(batch))
+        ev.update(model.score_next(batch), targets, batch.items)
         if pop is not None:
-            pop.update(popularity_scores(counts, batch.size), targets, history_of(batch))
+            pop.update(popularity_scores(counts, batch.size), targets, batch.items)
     model.train(was_training)
     out = ev.compute(prefix)
     if pop is not None:

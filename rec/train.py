@@ -158,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
         stop = done or (
             cfg.early_stop_patience is not None and state["bad_evals"] > cfg.early_stop_patience
         )
-        _checkpoint_and_report(engine, state, metrics, rank, spec, stop)
+        _checkpoint_and_report(engine, state, metrics, rank, spec)
         if rank == 0:
             print(
                 f"[train] {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})}",
@@ -273,13 +273,13 @@ def _restore(engine, cfg: TrainConfig) -> dict:
     return state
 
 
-def _checkpoint_and_report(engine, state, metrics, rank: int, spec: TrainSpec, final: bool) -> None:
+def _checkpoint_and_report(engine, state, metrics, rank: int, spec: TrainSpec) -> None:
     """Every rank saves its DeepSpeed shard; rank 0 adds the serving export and state."""
     from rec.export import save_export
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=CKPT_TAG)
-        weights = _consolidated_state_dict(engine, spec.train.deepspeed.zero_stage)
+        weights = _consolidated_state_dict(engine, spec.train.deepspeed.zero_stage, rank == 0)
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps(state))
             save_export(
@@ -288,14 +288,22 @@ def _checkpoint_and_report(engine, state, metrics, rank: int, spec: TrainSpec, f
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-def _consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the module (ZeRO-3 gathers its parameter shards on every rank)."""
+def _consolidated_state_dict(engine, zero_stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
+    """Full fp32 weights of the module on the rank that keeps them (None elsewhere).
+
+    ZeRO-3 gathers its parameter shards, which every rank must join; below stage 3 each rank
+    already holds the full weights and only the keeping rank copies them.
+    """
     module = engine.module
     if zero_stage < 3:
-        return {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        return (
+            {k: v.detach().float().cpu() for k, v in module.state_dict().items()} if keep else None
+        )
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        if not keep:
+            return None
         return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
