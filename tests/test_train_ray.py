@@ -65,10 +65,9 @@ def test_train_zero2_export_and_metrics(tmp_path, prepared):
         "print(json.dumps(m))"
     )
     again = json.loads(out.strip().splitlines()[-1])
-    assert (
-        again["test.ndcg@10"] == metrics["test.ndcg@10"]
-        and again["test.mrr"] == metrics["test.mrr"]
-    )
+    # Equal up to float summation order (the fresh process may use another thread count).
+    for key in ("test.ndcg@10", "test.mrr", "test.recall@10"):
+        assert again[key] == pytest.approx(metrics[key], rel=1e-9, abs=1e-12), key
 
     # The export holds the same weights as the DeepSpeed ZeRO-2 checkpoint it came from.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
