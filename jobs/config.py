@@ -6,14 +6,23 @@ from dataclasses import dataclass, field
 
 from jobs.common import RayConfig
 from rec.data.config import DataConfig
+from rec.frontier import FrontierConfig
 from rec.model import ModelConfig
 from rec.train_config import SweepConfig, TrainConfig
+from rl.config import EnvConfig
+from rl.policy import PolicyConfig
+from rl.world import WorldConfig
+from serve.config import ServeConfig
 
 
 @dataclass
 class RunConfig:
     # Where this run writes (prepare: the prepared data, stats.json, vocabularies).
     output_dir: str = "outputs/smoke"
+    # A train job's output_dir (its export/ and data/), read by evaluate, train_policy, serve.
+    model_dir: str | None = None
+    # A train_policy job's output_dir (its rl_module/ and policy.json), read by serve.
+    policy_dir: str | None = None
     # Raw data source and sequence building (rec/data/config.py).
     data: DataConfig = field(default_factory=DataConfig)
     # The transformer and its task heads (rec/model.py); max_len follows data.max_len.
@@ -24,3 +33,13 @@ class RunConfig:
     tune: SweepConfig = field(default_factory=SweepConfig)
     # How the job reaches Ray.
     ray: RayConfig = field(default_factory=RayConfig)
+    # The Ray Serve application (serve/config.py), run by jobs/serve.py.
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    # Relevance-diversity frontier of a trained model (rec/frontier.py, jobs/evaluate.py).
+    frontier: FrontierConfig = field(default_factory=FrontierConfig)
+    # The simulator's world cut from the trained model (rl/world.py): jobs.train_policy.
+    world: WorldConfig = field(default_factory=WorldConfig)
+    # The simulated user and its environment (rl/config.py); calibrated fields are refit.
+    env: EnvConfig = field(default_factory=EnvConfig)
+    # PPO training and evaluation of the lam policy (rl/policy.py).
+    policy: PolicyConfig = field(default_factory=PolicyConfig)

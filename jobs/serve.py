@@ -1,0 +1,55 @@
+"""Serve the trained recommender (and the RL lam policy) over HTTP with Ray Serve.
+
+    python -m jobs.serve --config jobs/configs/beauty.yaml model_dir=outputs/beauty \
+        policy_dir=outputs/policy
+    curl -s localhost:8000/recommend -H 'content-type: application/json' \
+        -d '{"user_id": 2, "history": [301], "k": 5}'
+
+Reads <model_dir>/export (weights, vocab) and <model_dir>/data (users' logged histories, if
+there), and <policy_dir>/ when given. Serves on http://{serve.host}:{serve.port} until Ctrl-C;
+OpenAPI docs at /docs. Without policy_dir, requests without lam get serve.default_lam.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from jobs.common import init_ray, main_guard, parse_args
+from jobs.config import RunConfig
+from rec.config import ConfigError
+
+
+def run(cfg: RunConfig, block: bool = True) -> str:
+    """Start Serve and deploy the application; returns its base URL. block: serve until Ctrl-C."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    if cfg.model_dir is None:
+        raise ConfigError("model_dir is required: a train job's output_dir (with export/)")
+    try:
+        app = build_app(cfg.serve, cfg.model_dir, cfg.policy_dir)
+    except ValueError as err:  # missing artifacts: a config problem, not a crash
+        raise ConfigError(str(err)) from None
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"[serve] {cfg.serve.app_name} at {url} (docs: {url}/docs)", flush=True)
+    if block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("[serve] shutting down", flush=True)
+            serve.shutdown()
+    return url
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_guard(lambda: run(parse_args(RunConfig, argv, __doc__)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The learned lam policy: its training config and the inference wrapper Serve uses.
+
+    policy = LamPolicy.load("outputs/policy")       # policy_dir of jobs.train_policy
+    lam = policy.choose(obs)                        # (B, 12) float32 -> (B,) lam in [0, 1]
+
+policy_dir holds `rl_module/` (an RLlib RLModule checkpoint, `RLModule.save_to_path`: loads
+without the Algorithm, its env runners or the simulator) and `policy.json` (the environment
+config the policy was trained under, the action mode and the observation layout).
+This module imports `ray.rllib` only inside `LamPolicy.load`: the RLModule is RLlib's format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rec.config import from_dict
+from rl.config import N_LAM_LEVELS, EnvConfig
+from rl.env import OBS_FIELDS
+
+POLICY_FORMAT = "raydiv-policy/1"
+MODULE_DIR = "rl_module"
+POLICY_FILE = "policy.json"
+
+
+@dataclass
+class PolicyConfig:
+    """PPO on RLlib's new API stack (jobs/train_policy.py)."""
+
+    # Training iterations (each collects train_batch_size env steps, then optimises).
+    iterations: int = 40
+    # Env steps per iteration (per learner).
+    train_batch_size: int = 2000
+    minibatch_size: int = 250
+    num_epochs: int = 8  # passes over each iteration's batch
+    lr: float = 3e-4
+    gamma: float = 0.95  # sessions are short (a few slates); long horizons only add variance
+    entropy_coeff: float = 0.01  # keeps the 11-way lam choice exploring early on
+    hidden: list[int] = field(default_factory=lambda: [64, 64])  # policy and value MLPs
+    # Env runner actors (0: sample in the learner's process; 1 suits 2 CPUs).
+    num_env_runners: int = 1
+    # Held-out users for evaluation (never seen in training).
+    eval_fraction: float = 0.2
+    # Episodes per arm in the evaluation (fixed seeds, the same for every arm).
+    eval_episodes: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "train_batch_size", "minibatch_size", "num_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"policy.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.minibatch_size > self.train_batch_size:
+            raise ValueError("policy.minibatch_size must be <= policy.train_batch_size")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"policy.eval_fraction must be in (0, 1): {self.eval_fraction!r}")
+        if self.eval_episodes < 2 or self.num_env_runners < 0:
+            raise ValueError("policy.eval_episodes must be >= 2 and num_env_runners >= 0")
+
+
+class LamPolicy:
+    """An RLModule that maps the 12-dim observation to lam, deterministically (greedy)."""
+
+    def __init__(self, module, env_cfg: EnvConfig) -> None:
+        self.module = module
+        self.env_cfg = env_cfg
+
+    @classmethod
+    def load(cls, policy_dir: str | Path) -> LamPolicy:
+        from ray.rllib.core.rl_module.rl_module import RLModule
+
+        policy_dir = Path(policy_dir)
+        meta_path, module_path = policy_dir / POLICY_FILE, policy_dir / MODULE_DIR
+        if not meta_path.is_file() or not module_path.is_dir():
+            raise ValueError(
+                f"policy_dir {str(policy_dir)!r} lacks {POLICY_FILE} or {MODULE_DIR}/ "
+                "(run jobs.train_policy)"
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != POLICY_FORMAT or meta.get("obs_fields") != list(OBS_FIELDS):
+            raise ValueError(f"{str(meta_path)!r} is not a {POLICY_FORMAT} policy for this env")
+        env_cfg = from_dict(EnvConfig, meta["env"])
+        return cls(RLModule.from_checkpoint(str(module_path.resolve())), env_cfg)
+
+    def choose(self, obs: np.ndarray) -> np.ndarray:
+        """(B, 12) observations -> (B,) float64 lam in [0, 1], the module's most likely action."""
+        import torch
+        from ray.rllib.core.columns import Columns
+
+        obs = np.asarray(obs, dtype=np.float32)
+        if obs.ndim != 2 or obs.shape[1] != len(OBS_FIELDS):
+            raise ValueError(f"obs must have shape (B, {len(OBS_FIELDS)}), got {obs.shape}")
+        with torch.no_grad():
+            out = self.module.forward_inference({Columns.OBS: torch.from_numpy(obs)})
+        logits = out[Columns.ACTION_DIST_INPUTS].numpy()  # discrete (B, 11); Box (B, 2)
+        if self.env_cfg.action_mode == "discrete":
+            return logits.argmax(1).astype(np.float64) / (N_LAM_LEVELS - 1)
+        return np.clip(logits[:, 0].astype(np.float64), 0.0, 1.0)  # the Gaussian's mean
+
+    def arm(self):
+        """The policy as an `rl.arms.Arm` (one observation at a time)."""
+        return lambda obs, rng: float(self.choose(obs[None])[0])
+
+
+def write_policy_meta(policy_dir: Path, env_cfg: EnvConfig, extra: dict) -> Path:
+    """policy.json beside the RLModule checkpoint."""
+    meta = {
+        "format": POLICY_FORMAT,
+        "obs_fields": list(OBS_FIELDS),
+        "env": asdict(env_cfg),
+        **extra,
+    }
+    path = policy_dir / POLICY_FILE
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path

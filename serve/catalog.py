@@ -1,0 +1,125 @@
+"""What serving knows about items and users, from a train job's output directory (no Ray).
+
+    catalog = Catalog.load("outputs/beauty/export")       # vocab/ + data_meta.json
+    idx, unknown = catalog.to_indices([301, 775, 999999])  # raw ids -> indices; unknowns reported
+    users = UserHistories.load("outputs/beauty/data")      # optional: user_id -> logged history
+
+Item indices are the model's (1..n_items, 0 = padding); raw ids are the source's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from rec.data.outputs import item_category_table
+from rec.data.schema import BEHAVIOR_TOKENS
+
+# The behavior token a request's history events get: the source's plain interaction. Requests
+# carry item ids only, so "viewed" (Taobao, synthetic), "reviewed" (Amazon) or "rated and liked"
+# (MovieLens: users mostly rate what they like) is the closest event the model was trained on.
+REQUEST_BEHAVIOR = {
+    "taobao": "pv",
+    "synthetic": "pv",
+    "parquet": "pv",
+    "amazon": "review",
+    "movielens": "rating_high",
+}
+
+
+@dataclass
+class Catalog:
+    """Item vocabulary, categories and popularity of one export.
+
+    item_ids (n_items + 1,) int64 raw id per index (row 0: -1); categories (n_items + 1, C)
+    int64 category indices, 0-padded; category_ids (n_categories + 1,) int64 raw id per category
+    index; counts (n_items + 1,) int64 interactions per item in the prepared log (row 0: 0).
+    """
+
+    item_ids: np.ndarray
+    categories: np.ndarray
+    category_ids: np.ndarray
+    counts: np.ndarray
+    behavior: int  # behavior token for request history events
+    index_of: dict[int, int]  # raw item id -> index
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @classmethod
+    def load(cls, export_dir: str | Path) -> Catalog:
+        export_dir = Path(export_dir)
+        for name in ("vocab/items.parquet", "vocab/categories.parquet", "data_meta.json"):
+            if not (export_dir / name).is_file():
+                raise ValueError(f"export {str(export_dir)!r} has no {name}")
+        meta = json.loads((export_dir / "data_meta.json").read_text())
+        items = pl.read_parquet(export_dir / "vocab" / "items.parquet").sort("item_idx")
+        cats = pl.read_parquet(export_dir / "vocab" / "categories.parquet").sort("category_idx")
+        if items["item_idx"].to_list() != list(range(1, items.height + 1)):
+            raise ValueError(f"{export_dir}/vocab/items.parquet: item_idx is not 1..n_items")
+        item_ids = np.concatenate([[-1], items["item_id"].to_numpy()]).astype(np.int64)
+        category_ids = np.zeros(cats.height + 1, dtype=np.int64)
+        category_ids[cats["category_idx"].to_numpy()] = cats["category_id"].to_numpy()
+        counts = np.concatenate([[0], items["count"].to_numpy()]).astype(np.int64)
+        table = item_category_table(items, max(1, meta["max_categories_per_item"]))
+        behavior = BEHAVIOR_TOKENS[REQUEST_BEHAVIOR.get(meta["format"], "pv")]
+        index_of = {int(raw): i for i, raw in enumerate(item_ids[1:].tolist(), start=1)}
+        return cls(item_ids, table, category_ids, counts, behavior, index_of)
+
+    def to_indices(self, raw_ids: list[int]) -> tuple[np.ndarray, list[int]]:
+        """Raw ids -> ((L,) int64 indices of the known ones, in order; the unknown raw ids)."""
+        known, unknown = [], []
+        for raw in raw_ids:
+            idx = self.index_of.get(raw)
+            if idx is None:
+                unknown.append(raw)
+            else:
+                known.append(idx)
+        return np.asarray(known, dtype=np.int64), unknown
+
+    def raw_categories(self, idx: int) -> list[int]:
+        """Raw category ids of item index `idx` (its category slots without padding)."""
+        row = self.categories[idx]
+        return self.category_ids[row[row > 0]].tolist()
+
+    def describe(self, idx: int) -> dict:
+        """The public description of one item: raw id, categories, popularity."""
+        return {
+            "id": int(self.item_ids[idx]),
+            "categories": self.raw_categories(idx),
+            "popularity": int(self.counts[idx]),
+        }
+
+
+class UserHistories:
+    """user_id -> the user's logged item indices in time order (train + valid + test events)."""
+
+    def __init__(self, histories: dict[int, np.ndarray]) -> None:
+        self._histories = histories
+
+    def __len__(self) -> int:
+        return len(self._histories)
+
+    def get(self, user_id: int) -> np.ndarray | None:
+        """(L,) int64 item indices, or None for a user the log does not know."""
+        return self._histories.get(user_id)
+
+    @classmethod
+    def load(cls, prepared_dir: str | Path | None, max_len: int) -> UserHistories:
+        """From a prepared directory's test split (history + held-out item = the whole log);
+        an absent directory gives an empty store (every user is then a cold start)."""
+        if prepared_dir is None or not (Path(prepared_dir) / "test").is_dir():
+            return cls({})
+        frame = pl.read_parquet(
+            Path(prepared_dir) / "test" / "*.parquet", columns=["user_id", "items", "target_item"]
+        )
+        histories = {}
+        for user, items, target in frame.iter_rows():
+            seq = np.asarray([*items, target], dtype=np.int64)
+            histories[int(user)] = seq[-max_len:]
+        return cls(histories)

@@ -1,0 +1,93 @@
+"""The `serve:` section of the run config: request limits, pipeline knobs, Serve deployment shape.
+
+    cfg = load_config(RunConfig, "jobs/configs/beauty.yaml", ["serve.port=8080"]).serve
+
+Artifact locations are not here: they are the run config's top-level `model_dir` (a train
+job's output directory) and `policy_dir` (a train_policy job's output directory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class AutoscalingSpec:
+    """Ray Serve autoscaling for one deployment (min = max pins the replica count)."""
+
+    min_replicas: int = 1  # never fewer replicas than this
+    max_replicas: int = 1  # never more (2 cores: more replicas mostly add contention)
+    target_ongoing_requests: float = 4.0  # per-replica load the autoscaler steers to
+    upscale_delay_s: float = 5.0  # load must stay above target this long before adding one
+    downscale_delay_s: float = 30.0  # and below it this long before removing one
+    look_back_period_s: float = 30.0  # window the ongoing-request average is taken over
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(
+                f"autoscaling needs 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                f"got min_replicas={self.min_replicas!r} max_replicas={self.max_replicas!r}"
+            )
+        if self.target_ongoing_requests <= 0:
+            raise ValueError(
+                f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests!r}"
+            )
+
+
+@dataclass
+class DeploymentSpec:
+    """Resources and scaling of one deployment."""
+
+    num_cpus: float = 0.25  # Ray CPU reservation per replica (fractional: 2 cores host all)
+    max_ongoing_requests: int = 64  # requests queued on one replica before the router waits
+    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+
+
+@dataclass
+class ServeConfig:
+    """How the recommender application serves (see serve/app.py and README "Serving")."""
+
+    host: str = "127.0.0.1"  # HTTP bind address; loopback unless you mean to expose it
+    port: int = 8000  # HTTP port of the Serve proxy
+    app_name: str = "recommender"  # Serve application name
+    route_prefix: str = "/"  # where the application is mounted
+    n_candidates: int = 100  # N items retrieval hands to ranking and re-ranking
+    max_k: int = 100  # largest k a request may ask for (<= n_candidates)
+    max_history: int = 200  # longer histories keep their most recent items (model sees max_len)
+    max_body_bytes: int = 65536  # larger request bodies get 413
+    rerank_method: Literal["dpp", "mmr", "none"] = "dpp"  # rec.rerank method at the final stage
+    similarity: Literal["embedding", "category"] = "embedding"  # cosine of item vectors / Jaccard
+    theta_max: float = 1.0  # DPP relevance scale at lam = 0.5 (rec.rerank.RerankConfig)
+    relevance_weight: float = 1.0  # w in score = log softmax_N(interest) + w * log P(relevance)
+    default_lam: float = 0.3  # lam when the request has none and no policy is configured
+    cold_start_lam: float = 0.7  # lam of the popular-and-diverse list for unknown users
+    cold_start_pool: int = 200  # most popular items the cold-start list is re-ranked from
+    batch_max_size: int = 16  # @serve.batch: most requests one model call takes
+    batch_wait_s: float = 0.002  # @serve.batch: longest wait for a batch to fill
+    torch_threads: int = 1  # intra-op threads per replica (replicas share 2 cores)
+    # Run retrieval, ranking and the policy inside the ingress replica instead of their own
+    # deployments: no handle hops (lowest latency on a small machine), no separate scaling.
+    fused: bool = False
+    ingress: DeploymentSpec = field(default_factory=DeploymentSpec)  # FastAPI + re-ranking
+    retriever: DeploymentSpec = field(default_factory=DeploymentSpec)  # user tower + top-N
+    ranker: DeploymentSpec = field(default_factory=DeploymentSpec)  # multi-task heads
+    policy: DeploymentSpec = field(default_factory=DeploymentSpec)  # RL lam policy
+
+    def __post_init__(self) -> None:
+        for name in ("n_candidates", "max_k", "max_history", "max_body_bytes", "cold_start_pool"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_k > self.n_candidates:
+            raise ValueError(
+                f"serve.max_k={self.max_k!r} must be <= serve.n_candidates={self.n_candidates!r}"
+            )
+        for name in ("default_lam", "cold_start_lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"serve.{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
+        if self.batch_max_size < 1 or self.batch_wait_s < 0:
+            raise ValueError("serve.batch_max_size must be >= 1 and serve.batch_wait_s >= 0")
+        if self.relevance_weight < 0:
+            raise ValueError(f"serve.relevance_weight must be >= 0, got {self.relevance_weight!r}")

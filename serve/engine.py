@@ -1,0 +1,190 @@
+"""The serving stages as plain inference objects over a serving export (torch + numpy, no Ray).
+
+    model = load_export("outputs/beauty/export")
+    tower = QueryTower(model, behavior=catalog.behavior)
+    got = tower.retrieve([hist], [hist], n=100)     # one matmul against every item vector
+    ranked = HeadScorer(model).score(got)           # multi-task heads over the candidates
+    picks = rerank_candidates(ranked[0].scores, 10, 0.3, cfg, vectors=table[cands])
+
+The Ray deployments in serve/app.py wrap each object; tests drive them directly.
+
+Final ranking score of candidate c for a user with hidden state h (documented in README):
+
+    score(c) = log softmax_{c' in candidates}(h . e_c' / tau)[c]  +  w * log sigmoid(rel(h, e_c))
+
+i.e. log P(next = c | candidates) + w log P(relevant | c): with w = 1 the log of the joint
+probability "the user picks c next and engages with it" (graded relevance: P(cart/fav/buy |
+interacts with c); Amazon's sampled head: P(c is a real next item rather than a random one)).
+w = serve.relevance_weight; w = 0 is the interest order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rec.data.batch import Batch
+from rec.heads import Recommender, trim_padding
+from rec.rerank import RerankConfig, rerank
+
+
+@dataclass
+class Retrieved:
+    """One request's retrieval result: candidates (N,) int64 item indices by descending
+    interest, interest (N,) float32 logits h . e / tau, h (D,) float32 the user state."""
+
+    candidates: np.ndarray
+    interest: np.ndarray
+    h: np.ndarray
+    compute_ms: float = 0.0  # model time of the batch this request ran in
+
+
+@dataclass
+class Ranked:
+    """One request's ranking: scores (N,) float32 final scores in candidate order,
+    relevance (N,) float32 P(relevant), diversity float (the diversity head's P(new category))."""
+
+    scores: np.ndarray
+    relevance: np.ndarray
+    diversity: float
+    compute_ms: float = 0.0  # model time of the batch this request ran in
+
+
+def history_batch(histories: list[np.ndarray], behavior: int, max_len: int) -> Batch:
+    """Item-index histories (each (L_b,) int64, time order) -> a left-padded Batch (B, T).
+
+    T = the longest history in the batch capped at max_len (older events are dropped). Events
+    get the request behavior token and gap token 1 ("unknown gap"): requests carry no times.
+    """
+    width = max(1, min(max_len, max((len(h) for h in histories), default=1)))
+    items = np.zeros((len(histories), width), dtype=np.int64)  # (B, T)
+    for row, hist in enumerate(histories):
+        hist = np.asarray(hist, dtype=np.int64)[-width:]
+        if hist.size:
+            items[row, width - hist.size :] = hist
+    items_t = torch.from_numpy(items)  # (B, T)
+    real = (items_t > 0).long()  # (B, T)
+    zeros = torch.zeros_like(items_t)
+    return Batch(items_t, real * behavior, real, zeros, zeros)
+
+
+class QueryTower:
+    """Retrieval: the transformer encodes the history into h, then top-N of h . e over all items."""
+
+    def __init__(self, model: Recommender, behavior: int) -> None:
+        self.model = model.eval()
+        self.behavior = behavior
+        with torch.no_grad():
+            self.table = model.model.item_embeddings().contiguous()  # (N_items + 1, D)
+        self.scaled_t = (self.table / model.cfg.temperature).T.contiguous()  # (D, N_items + 1)
+
+    @torch.no_grad()
+    def encode(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """B histories -> h (B, D) at the last position."""
+        batch = trim_padding(history_batch(histories, self.behavior, self.model.cfg.max_len))
+        return self.model.model(batch, self.table)[:, -1]  # (B, D)
+
+    @torch.no_grad()
+    def retrieve(
+        self, histories: list[np.ndarray], exclude: list[np.ndarray | None], n: int
+    ) -> list[Retrieved]:
+        """Top-n items per history by h . e / tau; `exclude[b]` item indices never come back.
+
+        Fewer than n candidates come back only when the catalogue minus the exclusions is smaller.
+        """
+        t0 = time.perf_counter()
+        h = self.encode(histories)  # (B, D)
+        scores = h @ self.scaled_t  # (B, N_items + 1)
+        scores[:, 0] = float("-inf")
+        for row, items in enumerate(exclude):
+            if items is not None and len(items):
+                # torch.tensor copies: arrays that came through Ray are read-only.
+                scores[row, torch.tensor(items, dtype=torch.long)] = float("-inf")
+        top = torch.topk(scores, min(n, scores.shape[1] - 1), dim=1)  # (B, n)
+        out, ms = [], (time.perf_counter() - t0) * 1000.0
+        for row in range(len(histories)):
+            ok = torch.isfinite(top.values[row])  # (n,) excluded / padding columns are -inf
+            out.append(
+                Retrieved(
+                    candidates=top.indices[row][ok].numpy(),
+                    interest=top.values[row][ok].numpy(),
+                    h=h[row].numpy(),
+                    compute_ms=ms,
+                )
+            )
+        return out
+
+
+class HeadScorer:
+    """Ranking: the relevance and diversity heads of the multi-task model on retrieved items."""
+
+    def __init__(self, model: Recommender, relevance_weight: float = 1.0) -> None:
+        self.model = model.eval()
+        self.relevance_weight = relevance_weight
+        with torch.no_grad():
+            self.table = model.model.item_embeddings().contiguous()  # (N_items + 1, D)
+
+    @torch.no_grad()
+    def score(self, requests: list[Retrieved]) -> list[Ranked]:
+        """Final scores (see the module docstring) for each request's candidates."""
+        t0 = time.perf_counter()
+        width = max((len(r.candidates) for r in requests), default=0)
+        bsz = len(requests)
+        cands = torch.zeros((bsz, width), dtype=torch.long)  # (B, N), 0 = padding
+        interest = torch.full((bsz, width), float("-inf"))  # (B, N)
+        for row, r in enumerate(requests):
+            cands[row, : len(r.candidates)] = torch.tensor(r.candidates, dtype=torch.long)
+            interest[row, : len(r.interest)] = torch.tensor(r.interest, dtype=torch.float32)
+        h = torch.from_numpy(np.stack([r.h for r in requests]))  # (B, D)
+        vecs = F.embedding(cands, self.table)  # (B, N, D)
+        rel_logit = self.model.relevance_head(h.unsqueeze(1).expand_as(vecs), vecs)  # (B, N)
+        div = torch.sigmoid(self.model.diversity_head(h))  # (B,)
+        log_p = torch.log_softmax(interest, dim=1)  # (B, N) over the candidates only
+        scores = log_p + self.relevance_weight * F.logsigmoid(rel_logit)  # (B, N)
+        rel = torch.sigmoid(rel_logit)  # (B, N)
+        ms = (time.perf_counter() - t0) * 1000.0
+        return [
+            Ranked(
+                scores=scores[row, : len(r.candidates)].numpy().copy(),
+                relevance=rel[row, : len(r.candidates)].numpy().copy(),
+                diversity=float(div[row]),
+                compute_ms=ms,
+            )
+            for row, r in enumerate(requests)
+        ]
+
+
+def rerank_candidates(
+    scores: np.ndarray,
+    k: int,
+    lam: float,
+    cfg: RerankConfig,
+    vectors: np.ndarray | None = None,
+    cat_ids: np.ndarray | None = None,
+) -> np.ndarray:
+    """One request: (N,) scores -> (min(k, N),) int64 positions into the candidates, in order.
+
+    vectors (N, D) for similarity "embedding", cat_ids (N, C) for "category".
+    """
+    picks = rerank(
+        scores[None, :],
+        k,
+        lam,
+        cfg,
+        vectors=None if vectors is None else vectors[None],
+        cat_ids=None if cat_ids is None else cat_ids[None],
+    )
+    return picks[0]
+
+
+def popular_pool(counts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `size` most popular items: ((P,) int64 indices, (P,) float64 log(1 + count) scores).
+
+    counts (n_items + 1,) with row 0 padding; ties go to the lower index.
+    """
+    order = np.argsort(-counts[1:], kind="stable")[:size] + 1  # (P,)
+    return order.astype(np.int64), np.log1p(counts[order].astype(np.float64))

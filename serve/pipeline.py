@@ -1,0 +1,200 @@
+"""Request -> recommendation: the orchestration the HTTP ingress runs, without Ray.
+
+    front = Frontend(cfg, catalog, users, vectors, has_policy=False)
+    out = await front.recommend(RecommendRequest(history=[301, 775], k=10), LocalStages(...))
+
+`Stages` is whatever runs retrieval, ranking and the policy: `LocalStages` calls the engine
+objects in this process (tests, benchmarks); serve/app.py passes Ray Serve handles.
+
+Cold start: a request whose history (logged + given) has no known item gets the
+`cold_start_pool` most popular items re-ranked by the same re-ranker at lam = the request's
+lam or `serve.cold_start_lam` (popular-and-diverse; lam_source "cold_start" when chosen here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from rec.rerank import RerankConfig
+from serve.catalog import Catalog, UserHistories
+from serve.config import ServeConfig
+from serve.engine import (
+    HeadScorer,
+    QueryTower,
+    Ranked,
+    Retrieved,
+    popular_pool,
+    rerank_candidates,
+)
+from serve.schemas import RecommendRequest
+
+
+class RequestError(ValueError):
+    """Bad input the schema could not catch (config-dependent bounds); becomes a 422."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field_name, self.message = field_name, message
+
+
+class Stages(Protocol):
+    async def retrieve(self, history: np.ndarray, exclude: np.ndarray | None) -> Retrieved: ...
+
+    async def rank(self, retrieved: Retrieved) -> Ranked: ...
+
+    async def choose_lam(self, history: np.ndarray, ranked: Ranked) -> float: ...
+
+
+@dataclass
+class LocalStages:
+    """The engine objects called in-process (policy: a serve.policy.PolicyScorer or None)."""
+
+    tower: QueryTower
+    scorer: HeadScorer
+    n_candidates: int
+    policy: object | None = None
+
+    async def retrieve(self, history: np.ndarray, exclude: np.ndarray | None) -> Retrieved:
+        return self.tower.retrieve([history], [exclude], self.n_candidates)[0]
+
+    async def rank(self, retrieved: Retrieved) -> Ranked:
+        return self.scorer.score([retrieved])[0]
+
+    async def choose_lam(self, history: np.ndarray, ranked: Ranked) -> float:
+        if self.policy is None:
+            raise RuntimeError("no policy configured")
+        return float(self.policy.choose([history], [ranked])[0])
+
+
+@dataclass
+class Resolved:
+    """A request's history after lookup: (L,) int64 indices, oldest first."""
+
+    history: np.ndarray
+    unknown: list[int] = field(default_factory=list)
+    truncated: bool = False
+
+
+class Frontend:
+    """Validation, history lookup, cold start, lam choice, re-ranking and the response."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        catalog: Catalog,
+        users: UserHistories,
+        vectors: np.ndarray,
+        has_policy: bool,
+    ) -> None:
+        """vectors (n_items + 1, D) float32: the item table the re-ranker's cosine uses."""
+        self.cfg, self.catalog, self.users = cfg, catalog, users
+        self.vectors, self.has_policy = vectors, has_policy
+        self.rerank_cfg = RerankConfig(
+            method=cfg.rerank_method,
+            similarity=cfg.similarity,
+            theta_max=cfg.theta_max,
+            n_candidates=cfg.n_candidates,
+        )
+        self.pool, self.pool_scores = popular_pool(catalog.counts, cfg.cold_start_pool)
+
+    def resolve(self, req: RecommendRequest) -> Resolved:
+        """Check config-dependent bounds; logged + given history as item indices."""
+        if req.k > self.cfg.max_k:
+            raise RequestError("k", f"must be <= {self.cfg.max_k} (serve.max_k), got {req.k}")
+        logged = self.users.get(req.user_id) if req.user_id is not None else None
+        given, unknown = self.catalog.to_indices(req.history or [])
+        parts = [p for p in (logged, given) if p is not None and len(p)]
+        history = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        truncated = len(history) > self.cfg.max_history
+        return Resolved(history[-self.cfg.max_history :], unknown, truncated)
+
+    async def recommend(self, req: RecommendRequest, stages: Stages) -> dict:
+        """The response body (serve.schemas.RecommendResponse fields)."""
+        t0 = time.perf_counter()
+        res = self.resolve(req)
+        timings: dict[str, float] = {}
+        if not len(res.history):
+            picks, scores, lam, source = self._cold_start(req.k, req.lam, timings)
+        else:
+            picks, scores, lam, source = await self._personal(req, res.history, stages, timings)
+        timings["total"] = _ms(t0)
+        items = [
+            {
+                "id": int(self.catalog.item_ids[i]),
+                "score": float(s),
+                "categories": self.catalog.raw_categories(int(i)),
+            }
+            for i, s in zip(picks, scores, strict=True)
+        ]
+        return {
+            "items": items,
+            "lam": float(lam),
+            "lam_source": source,
+            "cold_start": not len(res.history),
+            "unknown_items": res.unknown,
+            "history_used": int(len(res.history)),
+            "history_truncated": res.truncated,
+            "timings_ms": timings,
+        }
+
+    async def _personal(
+        self, req: RecommendRequest, history: np.ndarray, stages: Stages, timings: dict
+    ) -> tuple[np.ndarray, np.ndarray, float, str]:
+        t = time.perf_counter()
+        got = await stages.retrieve(history, history if req.exclude_seen else None)
+        timings["retrieve"], timings["retrieve_compute"] = _ms(t), round(got.compute_ms, 3)
+        if not len(got.candidates):  # the whole catalogue is in the history: nothing to show
+            if req.lam is not None:
+                return np.zeros(0, np.int64), np.zeros(0), req.lam, "request"
+            return np.zeros(0, np.int64), np.zeros(0), self.cfg.default_lam, "default"
+        t = time.perf_counter()
+        ranked = await stages.rank(got)
+        timings["rank"], timings["rank_compute"] = _ms(t), round(ranked.compute_ms, 3)
+        t = time.perf_counter()
+        if req.lam is not None:
+            lam, source = req.lam, "request"
+        elif self.has_policy:
+            lam, source = await stages.choose_lam(history, ranked), "policy"
+            timings["policy"] = _ms(t)
+        else:
+            lam, source = self.cfg.default_lam, "default"
+        t = time.perf_counter()
+        pos = self._rerank(got.candidates, ranked.scores, req.k, lam)
+        timings["rerank"] = _ms(t)
+        return got.candidates[pos], ranked.scores[pos], lam, source
+
+    def _cold_start(
+        self, k: int, lam: float | None, timings: dict
+    ) -> tuple[np.ndarray, np.ndarray, float, str]:
+        t = time.perf_counter()
+        source = "request" if lam is not None else "cold_start"
+        lam = self.cfg.cold_start_lam if lam is None else lam
+        pos = self._rerank(self.pool, self.pool_scores, k, lam)
+        timings["rerank"] = _ms(t)
+        return self.pool[pos], self.pool_scores[pos], lam, source
+
+    def _rerank(self, cands: np.ndarray, scores: np.ndarray, k: int, lam: float) -> np.ndarray:
+        """(N,) candidate indices and scores -> (min(k, N),) positions in re-ranked order."""
+        embedding = self.rerank_cfg.similarity == "embedding"
+        return rerank_candidates(
+            np.asarray(scores, dtype=np.float64),
+            k,
+            lam,
+            self.rerank_cfg,
+            vectors=self.vectors[cands] if embedding else None,
+            cat_ids=None if embedding else self.catalog.categories[cands],
+        )
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 3)
+
+
+def run_sync(coro):
+    """Run one coroutine to completion from synchronous code (tests, scripts)."""
+    return asyncio.run(coro)

@@ -1,0 +1,75 @@
+"""HTTP request and response schemas of the recommender (pydantic; they also make /docs).
+
+Types are strict: `"k": "10"` or `"k": 10.5` is a 422 naming `k`, not a silent cast. Unknown
+fields are refused too (a misspelt `"exclude_sen"` would otherwise be ignored).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LamSource = Literal["request", "policy", "default", "cold_start"]
+
+
+class RecommendRequest(BaseModel):
+    """POST /recommend body. Give a `user_id`, a `history`, both, or neither (cold start)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: int | None = Field(
+        None, description="Raw user id; a known user's logged history comes first."
+    )
+    history: list[int] | None = Field(
+        None,
+        description="Raw item ids, oldest first, appended after the logged history. Unknown "
+        "ids are ignored and listed in `unknown_items`; beyond serve.max_history items only "
+        "the most recent are kept (`history_truncated`).",
+    )
+    k: int = Field(10, ge=1, description="List length, 1..serve.max_k (default max 100).")
+    lam: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Diversity weight in [0, 1]; omitted: the RL policy's choice, or the default.",
+    )
+    exclude_seen: bool = Field(True, description="Never recommend items of the history.")
+
+
+class RecommendedItem(BaseModel):
+    id: int = Field(description="Raw item id.")
+    score: float = Field(
+        description="Ranking score: log P(next = item | candidates) + w log P(relevant); "
+        "cold start: log(1 + popularity)."
+    )
+    categories: list[int] = Field(description="Raw category ids of the item.")
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem] = Field(description="k items (fewer only if the catalogue is).")
+    lam: float = Field(description="The diversity weight the re-ranker used.")
+    lam_source: LamSource = Field(description="Where lam came from.")
+    cold_start: bool = Field(description="True: no known history, a popular-and-diverse list.")
+    unknown_items: list[int] = Field(description="History ids not in the catalogue (ignored).")
+    history_used: int = Field(description="History items the model saw (after truncation).")
+    history_truncated: bool = Field(description="The history was cut to serve.max_history.")
+    timings_ms: dict[str, float] = Field(
+        description="Wall time per stage as seen by the ingress (retrieve, rank, policy, "
+        "rerank, total) and model compute inside the replicas (*_compute)."
+    )
+
+
+class ItemResponse(BaseModel):
+    id: int
+    index: int = Field(description="The model's item index (1..n_items).")
+    categories: list[int]
+    popularity: int = Field(description="Interactions in the prepared log.")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    n_items: int
+    n_users: int = Field(description="Users with a logged history.")
+    policy: bool = Field(description="An RL policy chooses lam when the request has none.")
+    rerank: str

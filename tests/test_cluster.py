@@ -1,0 +1,258 @@
+"""The step from a laptop to a cluster: cluster.yaml against Ray's own schema, autoscaling with
+Ray's fake multi-node provider, and `ray job submit` against a `ray start --head` cluster.
+
+Nothing here reaches a cloud: the AWS config is checked offline, the autoscaler launches worker
+"nodes" as local processes. The Ray tests start their own head (tests/cluster_helpers.py) and
+stop only its processes, so they run beside the session's `ray_local` fixture.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.cluster_helpers import local_head
+from tests.conftest import ROOT
+
+CLUSTER_YAML = ROOT / "cluster.yaml"
+# GPUs per AWS instance type that cluster.yaml may use (AWS: "Accelerated computing" types).
+AWS_GPUS = {
+    "g5.xlarge": 1, "g5.2xlarge": 1, "g5.4xlarge": 1, "g5.8xlarge": 1, "g5.16xlarge": 1,
+    "g5.12xlarge": 4, "g5.24xlarge": 4, "g5.48xlarge": 8,
+    "g6.xlarge": 1, "g6.2xlarge": 1, "g6.12xlarge": 4, "g6.48xlarge": 8,
+    "p4d.24xlarge": 8, "p5.48xlarge": 8,
+}  # fmt: skip
+SECRET_PATTERNS = {
+    "AWS access key id": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
+    "AWS secret key": r"(?i)aws_secret_access_key|secret_key|SecretAccessKey",
+    "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "password": r"(?i)password\s*[:=]",
+    "inline Ray token": r"RAY_AUTH_TOKEN\s*=",
+    "long hex or base64 secret": r"\b[0-9a-f]{32,}\b|[A-Za-z0-9+/]{40,}={0,2}",
+    "ssh private key path": r"ssh_private_key",
+}
+
+
+def load_cluster_yaml() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def validate_with_ray(config: dict) -> dict:
+    """Ray 2.60's own checks, offline: defaults merged as `ray up` merges them, then the
+    cluster-config JSON schema (ray/autoscaler/ray-schema.json) and its cross-field rules."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+# ---------------------------------------------------------------- cluster.yaml (no Ray runtime)
+
+
+def test_cluster_yaml_passes_rays_schema():
+    prepared = validate_with_ray(load_cluster_yaml())
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] in prepared["available_node_types"]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda c: c.update(max_worker=3),  # misspelt top-level key
+        lambda c: c["available_node_types"]["gpu_train"].update(max_workers="two"),
+        lambda c: c["available_node_types"]["gpu_infer"].pop("node_config"),
+        lambda c: c.update(head_node_type="nope"),
+        lambda c: c["available_node_types"]["gpu_infer"].update(min_workers=20),
+    ],
+    ids=["unknown-key", "wrong-type", "missing-node-config", "bad-head-type", "min-over-max"],
+)
+def test_schema_check_rejects_broken_configs(mutate):
+    config = load_cluster_yaml()
+    mutate(config)
+    with pytest.raises((jsonschema.ValidationError, ValueError)):
+        validate_with_ray(config)
+
+
+def test_node_types_cpu_head_multi_and_single_gpu_workers():
+    config = load_cluster_yaml()
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["node_config"]["InstanceType"] not in AWS_GPUS
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    gpus = {name: AWS_GPUS.get(t["node_config"]["InstanceType"], 0) for name, t in workers.items()}
+    assert any(n > 1 for n in gpus.values()), f"no multi-GPU training node type: {gpus}"
+    assert any(n == 1 for n in gpus.values()), f"no single-GPU inference node type: {gpus}"
+    for name, t in workers.items():
+        assert t["min_workers"] <= t["max_workers"], name
+        if gpus[name]:
+            assert t["min_workers"] == 0, f"{name}: GPU nodes must scale from zero"
+            assert t["max_workers"] >= 1, name
+    assert sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
+    assert 0 < config["idle_timeout_minutes"] <= 60
+
+
+def test_setup_installs_pinned_cuda_torch_then_project():
+    config = load_cluster_yaml()
+    commands = config["setup_commands"]
+    torch_at = next(i for i, c in enumerate(commands) if '"torch==' in c)
+    project_at = next(i for i, c in enumerate(commands) if "pip install" in c and "-e" in c)
+    assert torch_at < project_at, "torch must be installed (pinned) before the project"
+    assert "--index-url https://download.pytorch.org/whl/cu" in commands[torch_at]
+    makefile_pin = re.search(r"TORCH_SPEC \?= (torch==\S+)", (ROOT / "Makefile").read_text())
+    assert makefile_pin and makefile_pin.group(1) in commands[torch_at]
+    # The image's Ray is the one the project pins (and the one these tests run).
+    import ray
+
+    ray_pin = re.search(r'"ray\[[^"]*\]==([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(
+        1
+    )
+    assert ray.__version__ == ray_pin
+    assert f"rayproject/ray:{ray_pin}-" in config["docker"]["image"]
+    assert any(remote.endswith("raydiv-rec") for remote in config["file_mounts"])
+    assert "boto3" in " ".join(config["head_setup_commands"])
+
+
+def test_token_auth_on_every_node_and_no_secrets_in_file():
+    config = load_cluster_yaml()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    text = CLUSTER_YAML.read_text()
+    for what, pattern in SECRET_PATTERNS.items():
+        match = re.search(pattern, text)
+        assert match is None, f"cluster.yaml looks like it holds a {what}: {match.group(0)!r}"
+    local_token = Path.home() / ".ray" / "auth_token"
+    if local_token.exists() and local_token.read_text().strip():
+        assert local_token.read_text().strip() not in text
+
+
+def test_secret_scan_catches_a_pasted_key():
+    pasted = "provider:\n  aws_access_key_id: AKIAABCDEFGHIJKLMNOP\n"
+    assert re.search(SECRET_PATTERNS["AWS access key id"], pasted)
+    token = "a" * 8 + "0123456789abcdef" * 3
+    assert re.search(SECRET_PATTERNS["long hex or base64 secret"], f"token: {token}")
+
+
+# ------------------------------------------------------------- autoscaling (fake multi-node)
+
+PROBE = """
+import json, time, ray
+ray.init()
+@ray.remote(num_cpus=1, num_gpus=1)
+def where():
+    time.sleep(4)  # hold the GPU so the two tasks must run side by side
+    return ray.get_runtime_context().get_node_id()
+print("PROBE", json.dumps(ray.get([where.remote() for _ in range(2)])))
+"""
+
+
+def fake_cluster_config(gcs_port: int) -> dict:
+    """Ray's fake multi-node provider with a 1-CPU, no-GPU head and a 1-GPU worker type that
+    scales 0..2 and leaves after 6 s idle.
+
+    The config and environment ray.cluster_utils.AutoscalingCluster would build, built here:
+    in the 2.60 wheel its constructor fails (it reads fake_multi_node/example.yaml, which the
+    wheel does not ship) and its start() runs a machine-wide `ray stop --force`, which would
+    also end the session's `ray_local` cluster."""
+    import ray._private.services as services
+
+    return {
+        "cluster_name": "fake_autoscaling_test",
+        "max_workers": 2,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            # worker "nodes" join this head, not the default port 6379
+            "gcs_address": f"{services.node_ip_address_from_perspective()}:{gcs_port}",
+        },
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {
+                "resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150 * 1024**2},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 2,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+@pytest.mark.ray
+def test_autoscaler_adds_gpu_nodes_for_a_job_and_removes_them_when_idle(tmp_path):
+    from tests.cluster_helpers import free_port
+
+    gcs_port = free_port()
+    with local_head(
+        num_cpus=1, autoscaling_config=fake_cluster_config(gcs_port), gcs_port=gcs_port
+    ) as head:
+        assert [n["is_head_node"] for n in head.alive_nodes()] == [True]
+        job = head.submit(["python", "-c", PROBE])
+        grown = head.wait_for(
+            "2 GPU worker nodes", lambda: _gpu_workers(head, 2), timeout=90, every=1
+        )
+        head.wait(job, timeout=120)
+        ran_on = json.loads(head.job_logs(job).split("PROBE ", 1)[1].splitlines()[0])
+        assert set(ran_on) == {n["node_id"] for n in grown}  # one task on each new node
+        head.wait_for("scale back to the head", lambda: len(head.alive_nodes()) == 1, timeout=90)
+
+
+def _gpu_workers(head, n: int) -> list[dict] | None:
+    workers = [n for n in head.alive_nodes() if not n["is_head_node"]]
+    ok = len(workers) == n and all(w["resources_total"].get("GPU") == 1 for w in workers)
+    return workers if ok else None
+
+
+# ------------------------------------------------------------------ job submission (CLI)
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_a_repo_job_from_the_working_dir(tmp_path):
+    out = tmp_path / "prepared"
+    with local_head(num_cpus=2) as head:
+        job = head.submit(
+            [
+                "python",
+                "-m",
+                "jobs.prepare",
+                "--config",
+                "jobs/configs/smoke.yaml",
+                f"output_dir={out}",
+            ],
+            working_dir=ROOT,
+        )
+        assert head.wait(job, timeout=300) == "SUCCEEDED"
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["n_users"] > 0 and (out / "train").is_dir()
+        assert f"[prepare] wrote {out}" in head.job_logs(job)
+        # The upload is the repo minus what .gitignore lists (no .venv, no outputs).
+        pkgs = head.temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
+        (pkg,) = {p.resolve() for p in pkgs if p.is_dir()}  # session_latest links the session
+        assert (pkg / "jobs" / "prepare.py").is_file()
+        assert not (pkg / ".venv").exists() and not (pkg / "outputs").exists()

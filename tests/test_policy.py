@@ -1,0 +1,198 @@
+"""The lam policy: world building, request features, arms evaluation, PPO on a contextual case."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, fields
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from rl.arms import fixed, paired_gain, play, random_lam, split_users
+from rl.config import EnvConfig, LeavingConfig
+from rl.env import DiversityEnv, standardised_affinity
+from rl.features import request_observation
+from rl.simdata import SimulatorData
+from rl.users import UserTypes, history_exploration
+from rl.world import ARRAYS, World, WorldConfig, build_world, load_world, make_env, save_world
+from tests.serve_support import make_model_dir
+
+
+@pytest.fixture(scope="module")
+def small_world() -> SimulatorData:
+    return SimulatorData.synthetic(
+        n_users=60, n_items=400, n_categories=10, seed=3, n_candidates=50
+    )
+
+
+def test_request_observation_equals_env_reset(small_world):
+    cfg = EnvConfig(n_candidates=40)
+    env = DiversityEnv(small_world, cfg)
+    for u in (0, 7, 31):
+        obs, _ = env.reset(seed=1, options={"user": u})
+        got = request_observation(
+            small_world.history_items[u],
+            small_world.item_categories,
+            float(small_world.diversity_head[u]),
+            small_world.scores[u][::-1],  # any order: it sorts
+            cfg,
+        )
+        np.testing.assert_allclose(got, obs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "head, scores, needle",
+    [(1.5, [1.0, 0.5], "diversity_head"), (0.5, [1.0, np.nan], "cand_scores"), (0.5, [], "cand")],
+)
+def test_request_observation_rejects_bad_input(small_world, head, scores, needle):
+    with pytest.raises(ValueError, match=needle):
+        request_observation(
+            small_world.history_items[0],
+            small_world.item_categories,
+            head,
+            np.array(scores),
+            EnvConfig(),
+        )
+
+
+def test_arms_play_the_same_episodes(small_world):
+    cfg = EnvConfig(n_candidates=40)
+    users = np.arange(30, 60)
+    a = play(small_world, cfg, users, fixed(0.0), 40, seed=11)
+    b = play(small_world, cfg, users, fixed(0.0), 40, seed=11)
+    c = play(small_world, cfg, users, random_lam, 40, seed=11)
+    np.testing.assert_array_equal(a.returns, b.returns)  # deterministic
+    np.testing.assert_array_equal(a.users, c.users)  # common random numbers across arms
+    assert set(a.users) <= set(users)
+    assert a.lam.max() == 0.0 and 0.2 < c.lam.mean() < 0.8
+    same = paired_gain(a, b)
+    assert same["gain"] == 0.0 and same["diff_ci95"] == 0.0
+
+
+def test_split_users_is_disjoint_and_seeded():
+    tr, ev = split_users(100, 0.2, 5)
+    assert len(ev) == 20 and not set(tr) & set(ev) and len(tr) + len(ev) == 100
+    np.testing.assert_array_equal(ev, split_users(100, 0.2, 5)[1])
+    with pytest.raises(ValueError, match="eval_fraction"):
+        split_users(100, 1.0, 0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("policy_model"))
+
+
+def test_build_world_from_trained_model(model_dir, tmp_path):
+    world = build_world(model_dir, WorldConfig(n_users=50, n_candidates=30, history_len=10))
+    a = world.arrays
+    assert a["candidates"].shape == (50, 30) and a["history_items"].shape == (50, 10)
+    assert (np.diff(a["scores"], axis=1) <= 0).all()  # top-N in score order
+    # no candidate is in the history the ranker saw (the user's sequence minus its test event)
+    hist = a["history_items"]
+    assert not any(set(a["candidates"][u]) & set(hist[u][hist[u] > 0]) for u in range(50))
+    path = save_world(world, tmp_path / "w.npz")
+    with np.load(path, allow_pickle=False) as z:  # plain arrays only
+        assert set(ARRAYS) <= set(z.files)
+    data = load_world(path, EnvConfig().types)
+    assert data.n_users == 50 and data.n_items == a["item_categories"].shape[0] - 1
+    cfg = EnvConfig(n_candidates=30, k=5)
+    env = make_env({"world": str(path), "env": asdict(cfg), "users": list(range(40)), "seed": 0})
+    check_env(env, skip_render_check=True)
+
+
+def test_build_world_names_missing_model(tmp_path):
+    with pytest.raises(ValueError, match="jobs.train"):
+        build_world(tmp_path, WorldConfig())
+
+
+def contextual_world() -> tuple[SimulatorData, EnvConfig]:
+    """A tiny world whose users' type is a function of what the policy observes (history
+    entropy). Focused users: the ranker is right for them, best lam ~0.5. Explorers: the
+    ranker's order is wrong for them (scores = minus their true affinity) and they click
+    readily, so the most diverse slates (lam = 1) do best."""
+    data = SimulatorData.synthetic(
+        n_users=200, n_items=600, n_categories=12, seed=0, n_candidates=60
+    )
+    entropy, _ = history_exploration(data.history_items, data.item_categories)
+    ex = entropy > np.median(entropy)
+
+    def w(focused: float, explorer: float) -> np.ndarray:
+        return np.where(ex, explorer, focused).astype(np.float64)
+
+    data.types = UserTypes(
+        explorer=ex.astype(np.float64),
+        sensitivity=w(0, 4),
+        decay=w(0.9, 0.9),
+        preference=w(3, 3),
+        no_click=w(2.5, -1),
+        continue_prob=w(0.9, 0.9),
+    )
+    aff = standardised_affinity(data, data.candidates)
+    data.scores = np.where(ex[:, None], -aff, aff).astype(np.float32)
+    cfg = EnvConfig(
+        k=5, n_candidates=60, max_steps=8, purchase_weight=0.0, leaving=LeavingConfig(base=0.1)
+    )
+    return data, cfg
+
+
+def test_contextual_world_best_lam_depends_on_type():
+    data, cfg = contextual_world()
+    users = np.arange(data.n_users)
+    ex = data.types.explorer > 0.5
+    lo, hi = (play(data, cfg, users, fixed(lam), 300, seed=5) for lam in (0.5, 1.0))
+    assert lo.returns[~ex[lo.users]].mean() > hi.returns[~ex[hi.users]].mean() + 0.5
+    assert hi.returns[ex[hi.users]].mean() > lo.returns[ex[lo.users]].mean() + 1.0
+
+
+@pytest.mark.ray
+def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
+    """The job's PPO setup, trained briefly on the contextual world, picks a higher lam for
+    explorers than for focused users, and its saved RLModule loads without the Algorithm."""
+    from jobs.train_policy import build_ppo
+    from rl.policy import MODULE_DIR, LamPolicy, PolicyConfig, write_policy_meta
+
+    data, cfg = contextual_world()
+    arrays = {k: getattr(data, k) for k in ARRAYS}
+    arrays |= {f"types.{f.name}": getattr(data.types, f.name) for f in fields(UserTypes)}
+    path = save_world(
+        World(arrays, calibration=None, users=np.arange(data.n_users)), tmp_path / "ctx.npz"
+    )
+    assert load_world(path, cfg.types).types.explorer.tolist() == data.types.explorer.tolist()
+    train, held = split_users(data.n_users, 0.3, 0)
+    spec = {"world": str(path), "env": asdict(cfg), "users": train.tolist(), "seed": 0}
+    pc = PolicyConfig(
+        iterations=12,
+        train_batch_size=1000,
+        minibatch_size=200,
+        num_epochs=10,
+        lr=3e-3,
+        entropy_coeff=0.0,
+        num_env_runners=0,
+        hidden=[32, 32],
+    )
+    algo = build_ppo(pc, spec)
+    for _ in range(pc.iterations):
+        algo.train()
+    algo.get_module().save_to_path(str(tmp_path / MODULE_DIR))
+    algo.stop()
+    write_policy_meta(tmp_path, cfg, {"algorithm": "PPO"})
+    policy = LamPolicy.load(tmp_path)
+    env = DiversityEnv(data, cfg)
+    obs = np.stack([env.reset(seed=0, options={"user": int(u)})[0] for u in held])
+    lam = policy.choose(obs)
+    ex = data.types.explorer[held] > 0.5
+    assert lam[ex].mean() > lam[~ex].mean() + 0.3, (lam[ex], lam[~ex])
+    # and reading the context pays: it beats the best fixed lam on held-out users
+    pol = play(data, cfg, held, policy.arm(), 300, seed=9).returns.mean()
+    best = max(play(data, cfg, held, fixed(lam), 300, seed=9).returns.mean() for lam in (0.5, 1.0))
+    assert pol > best, (pol, best)
+    # the same module in a fresh process with no Ray started: Serve's load path
+    code = (
+        f"import numpy as np; from rl.policy import LamPolicy; p = LamPolicy.load({str(tmp_path)!r}); "
+        f"print(p.choose(np.zeros((2, 12), np.float32)).tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert len(json.loads(out.stdout.strip().splitlines()[-1])) == 2
