@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: install
-	$(BIN)/python -m jobs.train --config $(CONFIG)
+	$(BIN)/python -m jobs.pipeline --config $(CONFIG)
 
 test: install
 	$(BIN)/python -m pytest -q tests

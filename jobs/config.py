@@ -14,6 +14,28 @@ from rl.policy import PolicyConfig
 from rl.world import WorldConfig
 from serve.config import ServeConfig
 
+STAGES = ("prepare", "train", "evaluate", "policy", "serve")
+
+
+@dataclass
+class PipelineConfig:
+    """Which stages jobs/pipeline.py runs and how it ends."""
+
+    # Stages not to run (their earlier outputs are still used by later stages).
+    skip: list[str] = field(default_factory=list)
+    # Skip a stage whose result already exists under output_dir (restart after a failure).
+    resume: bool = True
+    # After deploying: "auto" blocks if this job started its own Ray, else returns;
+    # "block" serves until Ctrl-C; "return" leaves the app on the cluster and exits.
+    serve_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.skip) - set(STAGES))
+        if unknown:
+            raise ValueError(f"pipeline.skip has unknown stages {unknown}; stages: {STAGES}")
+        if self.serve_mode not in ("auto", "block", "return"):
+            raise ValueError(f"pipeline.serve_mode must be auto|block|return: {self.serve_mode!r}")
+
 
 @dataclass
 class RunConfig:
@@ -43,3 +65,5 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     # PPO training and evaluation of the lam policy (rl/policy.py).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # The end-to-end job (jobs/pipeline.py): stages to skip, resume, how serving ends.
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)

@@ -12,6 +12,7 @@ OpenAPI docs at /docs. Without policy_dir, requests without lam get serve.defaul
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -38,6 +39,8 @@ def run(cfg: RunConfig, block: bool = True) -> str:
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"[serve] {cfg.serve.app_name} at {url} (docs: {url}/docs)", flush=True)
     if block:
+        # `kill` (SIGTERM) stops the server as cleanly as Ctrl-C does.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)
@@ -45,6 +48,10 @@ def run(cfg: RunConfig, block: bool = True) -> str:
             print("[serve] shutting down", flush=True)
             serve.shutdown()
     return url
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

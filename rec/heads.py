@@ -5,13 +5,15 @@ batch, a "position with a target" is (b, t) with `targets[b, t] > 0`; `h_t` is t
 state there, `e_i` the item vector of item i (`SeqRecModel.item_vectors`), `y = targets[b, t]`.
 
 interest (next item)
-    full:    -log softmax_i(h_t . e_i / tau)[y] over all items i in 1..n_items (the padding
-             column never competes), averaged over positions with a target.
+    full:    -log softmax_i(h_t . e_i / tau + r [i in x_<=t])[y] over all items i in
+             1..n_items (the padding column never competes), averaged over positions with a
+             target. r is one learned scalar (`ModelConfig.repeat_bias`; 0 when off) added to
+             the items of the input up to t: how likely a repeat is, learned from the data.
     sampled: K negatives n_1..n_K are drawn once per batch, with replacement, from the
              proposal q (popularity or uniform, `Recommender.set_proposal`) and shared by all
              positions. logits = [h_t . e_y / tau - log q(y), h_t . e_nk / tau - log q(n_k)]
              (logQ correction), negatives equal to y masked out ("accidental hits"); the
-             loss is cross-entropy with the positive as the class.
+             loss is cross-entropy with the positive as the class; r is added as above.
 relevance (P(the user engages strongly with a candidate c)), logit = MLP([h_t, e_c, h_t * e_c])
     graded:  c = y; label 1 iff the next event's behavior token is engaged
              (`rec.data.schema.engaged_mask()`: cart, fav, buy, rating_high), 0 otherwise (pv,
@@ -70,13 +72,49 @@ def diversity_targets(
 
 
 def interest_full_loss(
-    h: torch.Tensor, item_table: torch.Tensor, targets: torch.Tensor, temperature: float
+    h: torch.Tensor,
+    item_table: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    history: torch.Tensor | None = None,
+    repeat_logit: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax cross-entropy over all items. h: (P, D), item_table: (N + 1, D), targets: (P,)."""
+    """Softmax cross-entropy over all items. h: (P, D), item_table: (N + 1, D), targets: (P,);
+    history: (P, T) item ids each position may repeat (0 = none), repeat_logit: () scalar."""
     # Scaling h, not the (P, N) logits, saves a full pass over the largest tensor; dropping
     # row 0 is the same as a -inf padding column without materialising it.
     logits = (h / temperature) @ item_table[1:].T  # (P, N)
+    if repeat_logit is not None and history is not None:
+        rows, cols = _unique_pairs(history)
+        # In place on the largest tensor: matmul's backward does not need its output.
+        logits.index_put_((rows, cols - 1), repeat_logit.expand(len(rows)), accumulate=True)
     return F.cross_entropy(logits, targets - 1)
+
+
+def _unique_pairs(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, T) item ids, 0 = none -> (row, item) pairs with item > 0, each pair once."""
+    width = history.new_tensor(int(history.max()) + 1)
+    rows = torch.arange(len(history), device=history.device).unsqueeze(1).expand_as(history)
+    keys = torch.unique((rows * width + history)[history > 0])  # (M,)
+    return keys // width, keys % width
+
+
+def in_history(history: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """(P, T) item ids (0 = none), (P, K) candidates -> (P, K) bool: candidate in its row."""
+    width = int(max(int(history.max()), int(cand.max()))) + 1
+    rows = torch.arange(len(history), device=history.device).unsqueeze(1)
+    keys = torch.sort((rows * width + history).masked_fill(history == 0, -1).flatten()).values
+    query = rows * width + cand  # (P, K)
+    pos = torch.searchsorted(keys, query.flatten()).clamp(max=len(keys) - 1)
+    return (keys[pos] == query.flatten()).view_as(cand) & (cand > 0)
+
+
+def causal_history(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) input items, (B, T) positions with a target -> (P, T): the items at positions
+    <= t for each of the P positions (0 elsewhere): what the item at t + 1 could repeat."""
+    steps = items.shape[1]
+    causal = torch.ones(steps, steps, dtype=torch.bool, device=items.device).tril()  # [t, s]
+    return (items.unsqueeze(1) * causal).masked_select(mask.unsqueeze(-1)).view(-1, steps)
 
 
 def interest_sampled_loss(
@@ -87,15 +125,21 @@ def interest_sampled_loss(
     neg_vecs: torch.Tensor,
     log_q: torch.Tensor,
     temperature: float,
+    history: torch.Tensor | None = None,
+    repeat_logit: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax with logQ correction and accidental hits masked.
 
     h, target_vecs: (P, D); targets: (P,); neg_ids: (K,) shared negatives; neg_vecs: (K, D);
-    log_q: (N + 1,) log proposal probability per item.
+    log_q: (N + 1,) log proposal probability per item; history, repeat_logit: as in
+    `interest_full_loss`.
     """
     h = h / temperature  # (P, D)
     pos = (h * target_vecs).sum(-1) - log_q[targets]  # (P,)
     neg = h @ neg_vecs.T - log_q[neg_ids]  # (P, K)
+    if repeat_logit is not None and history is not None:
+        pos = pos + repeat_logit * in_history(history, targets.unsqueeze(1)).squeeze(1)
+        neg = neg + repeat_logit * in_history(history, neg_ids.expand(len(h), -1))
     neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))  # (P, K)
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)  # (P, 1 + K)
     zeros = torch.zeros(len(targets), dtype=torch.long, device=h.device)  # (P,) positive = 0
@@ -210,6 +254,8 @@ class Recommender(nn.Module):
             dataclasses.asdict(cfg.loss_weights), cfg.uncertainty_weighting
         )
         self.relevance_mode = resolve_relevance_mode(cfg, dims)
+        # The repeat-consumption logit r (module docstring); starts neutral.
+        self.repeat_logit = nn.Parameter(torch.zeros(())) if cfg.repeat_bias else None
         engaged = torch.zeros(dims.n_behaviors, dtype=torch.bool)  # (n_behaviors,)
         engaged[[t for t in ENGAGED_TOKENS if t < dims.n_behaviors]] = True
         # Derived from code or data at train time, so kept out of checkpoints and exports.
@@ -253,7 +299,8 @@ class Recommender(nn.Module):
             target_vecs = self.model.item_vectors(targets)  # (P, D)
         losses: dict[str, torch.Tensor] = {}
         if weights.interest > 0:
-            losses["interest"] = self._interest_loss(h, target_vecs, targets, table)
+            history = causal_history(batch.items, mask) if self.repeat_logit is not None else None
+            losses["interest"] = self._interest_loss(h, target_vecs, targets, table, history)
         if weights.relevance > 0:
             behaviors = batch.target_behaviors[mask]  # (P,)
             losses["relevance"] = self._relevance_loss(h, target_vecs, targets, behaviors)
@@ -271,13 +318,24 @@ class Recommender(nn.Module):
         target_vecs: torch.Tensor,
         targets: torch.Tensor,
         table: torch.Tensor | None,
+        history: torch.Tensor | None,
     ) -> torch.Tensor:
         if table is not None:
-            return interest_full_loss(h, table, targets, self.cfg.temperature)
+            return interest_full_loss(
+                h, table, targets, self.cfg.temperature, history, self.repeat_logit
+            )
         neg_ids = torch.multinomial(self.log_q.exp(), self.cfg.n_negatives, replacement=True)
         neg_vecs = self.model.item_vectors(neg_ids)  # (K, D)
         return interest_sampled_loss(
-            h, target_vecs, targets, neg_ids, neg_vecs, self.log_q, self.cfg.temperature
+            h,
+            target_vecs,
+            targets,
+            neg_ids,
+            neg_vecs,
+            self.log_q,
+            self.cfg.temperature,
+            history,
+            self.repeat_logit,
         )
 
     def _relevance_loss(
@@ -303,6 +361,9 @@ class Recommender(nn.Module):
         table = self.model.item_embeddings()  # (N + 1, D)
         h = self.model(trim_padding(batch), table)[:, -1]  # (B, D)
         scores = (h / self.cfg.temperature) @ table.T  # (B, N + 1)
+        if self.repeat_logit is not None:  # items of the input get the learned repeat logit
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, batch.items, True)
+            scores = scores + self.repeat_logit * seen
         scores[:, 0] = float("-inf")
         return scores
 
@@ -322,5 +383,6 @@ class Recommender(nn.Module):
 
     @torch.no_grad()
     def user_embedding(self, batch: Batch) -> torch.Tensor:
-        """The last hidden state `(B, D)`; dot it with `model.item_embeddings()` to score."""
+        """The last hidden state `(B, D)`; dot it with `model.item_embeddings()` to score
+        (`score_next` also adds the repeat logit to the input's items)."""
         return self.model(trim_padding(batch))[:, -1]  # (B, D)

@@ -222,3 +222,20 @@ def test_policy_chooses_lam_from_request_state(parts, model_dir, tmp_path) -> No
     assert round(out["lam"] * 10) == pytest.approx(out["lam"] * 10)  # discrete lam grid
     given = run_sync(front.recommend(RecommendRequest(user_id=user, k=10, lam=0.25), stages))
     assert given["lam"] == 0.25 and given["lam_source"] == "request"
+
+
+def test_fused_stages_answer_as_the_separate_ones(parts, model_dir, tmp_path) -> None:
+    from serve.app import fused_stages
+    from tests.serve_support import make_policy_dir
+
+    assert build_app(ServeConfig(fused=True), str(model_dir)) is not None
+    cfg = ServeConfig(n_candidates=50, max_k=20, max_history=30)
+    fused = fused_stages(parts[0], parts[1], cfg, str(make_policy_dir(tmp_path)))
+    front, local = frontend(parts)
+    user = next(iter(parts[2]._histories))
+    req = RecommendRequest(user_id=user, k=10, lam=0.5)
+    a, b = (run_sync(front.recommend(req, st)) for st in (fused, local))
+    assert a["items"] == b["items"]
+    front.has_policy = True
+    out = run_sync(front.recommend(RecommendRequest(user_id=user, k=10), fused))
+    assert out["lam_source"] == "policy"

@@ -1,0 +1,86 @@
+"""The learned repeat-consumption logit: its helpers against brute force, and what it learns."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rec.heads import causal_history, in_history, interest_full_loss, interest_sampled_loss
+from tests.test_model import make_batch, random_sequences, tiny_recommender
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_in_history_matches_brute_force(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    hist = torch.randint(0, 12, (5, 7), generator=gen)
+    cand = torch.randint(1, 14, (5, 9), generator=gen)
+    want = torch.tensor(
+        [[int(c) in set(h[h > 0].tolist()) for c in cr] for h, cr in zip(hist, cand, strict=True)]
+    )
+    assert torch.equal(in_history(hist, cand), want)
+
+
+def test_causal_history_sees_only_the_past() -> None:
+    items = torch.tensor([[0, 3, 5, 7], [2, 4, 6, 8]])
+    mask = torch.tensor([[False, True, True, False], [True, False, False, True]])
+    got = causal_history(items, mask)
+    want = torch.tensor([[0, 3, 0, 0], [0, 3, 5, 0], [2, 0, 0, 0], [2, 4, 6, 8]])
+    assert torch.equal(got, want)
+
+
+def test_full_and_sampled_losses_add_the_logit_to_seen_items() -> None:
+    gen = torch.Generator().manual_seed(0)
+    n_items, d = 20, 8
+    h, table = torch.randn(4, d, generator=gen), torch.randn(n_items + 1, d, generator=gen)
+    targets = torch.tensor([3, 5, 5, 9])
+    hist = torch.tensor([[3, 3, 0], [1, 2, 0], [5, 6, 7], [0, 0, 0]])  # row 0 repeats twice
+    r = torch.tensor(-1.5)
+    logits = h @ table[1:].T
+    for row in range(4):
+        for item in set(hist[row][hist[row] > 0].tolist()):
+            logits[row, item - 1] += r  # once per item, however often it was seen
+    want = F.cross_entropy(logits, targets - 1)
+    got = interest_full_loss(h, table, targets, 1.0, hist, r)
+    torch.testing.assert_close(got, want)
+    # sampled: with every item a negative and a uniform proposal it is the full softmax
+    neg = torch.arange(1, n_items + 1)
+    log_q = torch.zeros(n_items + 1)
+    sampled = interest_sampled_loss(
+        h, table[targets], targets, neg, table[neg], log_q, 1.0, hist, r
+    )
+    torch.testing.assert_close(sampled, want)
+
+
+def test_the_model_learns_that_repeats_are_rare_or_common() -> None:
+    """Trained on sequences that never repeat an item, r goes negative; on sequences that
+    keep repeating, positive; score_next applies it to the input's items."""
+    for repeat, sign in ((False, -1), (True, 1)):
+        torch.manual_seed(0)
+        model = tiny_recommender(seed=0)
+        seqs = random_sequences(16, seed=1)
+        if repeat:  # every other event repeats the previous item
+            seqs = [[x for item in s[: len(s) // 2] for x in (item, item)] for s in seqs]
+        else:
+            seqs = [list(dict.fromkeys(s)) for s in seqs]
+        batch = make_batch(seqs, 12)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        for _ in range(30):
+            loss, _ = model.loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert sign * float(model.repeat_logit) > 0.5, float(model.repeat_logit)
+    model.eval()
+    with torch.no_grad():
+        scores = model.score_next(batch)
+        base = (
+            model.user_embedding(batch) / model.cfg.temperature
+        ) @ model.model.item_embeddings().T
+    row = 0
+    seen = set(batch.items[row][batch.items[row] > 0].tolist())
+    for item in range(1, scores.shape[1]):
+        extra = float(model.repeat_logit) if item in seen else 0.0
+        assert abs(float(scores[row, item] - base[row, item]) - extra) < 1e-4
