@@ -255,7 +255,8 @@ class Recommender(nn.Module):
         )
         self.relevance_mode = resolve_relevance_mode(cfg, dims)
         # The repeat-consumption logit r (module docstring); starts neutral.
-        self.repeat_logit = nn.Parameter(torch.zeros(())) if cfg.repeat_bias else None
+        # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
+        self.repeat_logit = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
         engaged = torch.zeros(dims.n_behaviors, dtype=torch.bool)  # (n_behaviors,)
         engaged[[t for t in ENGAGED_TOKENS if t < dims.n_behaviors]] = True
         # Derived from code or data at train time, so kept out of checkpoints and exports.
