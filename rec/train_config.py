@@ -47,6 +47,11 @@ class TrainConfig:
     # Group rows of similar length into a batch (rec.evaluation.iter_batches): fewer padded
     # tokens for the same examples; 1 turns it off.
     length_buckets: int = 8
+    # Read and pad the splits once, before training, into Ray's object store: epochs then
+    # stream from memory instead of re-running the read tasks beside the workers (on 2 CPUs
+    # those tasks slowed one worker and made the other wait at every gradient sync). Turn
+    # off for splits larger than the object store.
+    materialize_data: bool = True
     # Validate every this many epochs; stop after this many validations without a better
     # valid NDCG@10 (None: never stop early).
     eval_every: int = 1
