@@ -80,7 +80,7 @@ class ModelConfig:
     relevance_negatives: int = 1  # relevance "sampled": random negatives per positive
     diversity_window: int = 10  # "new category" = not among the last this many input items
     # Learn one logit added to the interest score of items already in the sequence (repeat
-    # consumption): the data sets its sign (Beauty: strongly negative, Taobao pv: positive).
+    # consumption): the data sets its sign (Beauty: about -2.5; repeating sequences: > 0).
     repeat_bias: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)  # per-task weights
     uncertainty_weighting: bool = False  # learn log sigma^2 per task (Kendall et al. 2018)

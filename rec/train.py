@@ -321,6 +321,10 @@ def _maybe_inject_failure(cfg: TrainConfig, rank: int, step: int, storage: str) 
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(step))
+    # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
+    # worker dying sooner after a report can take that report's checkpoint with it, and the
+    # run then restarts one checkpoint earlier. Waiting makes the hook test resume, not luck.
+    time.sleep(5.0)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
