@@ -20,44 +20,81 @@ def main(out: Path) -> None:
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
     rows = []
-    for run in sorted(out.glob("*-z*")):
+    names = {p.name for p in out.glob("*-z*") if p.is_dir()}
+    names |= {p.name.removesuffix(".wall.json") for p in out.glob("*-z*.wall.json")}
+    for run in (out / n for n in sorted(names)):
         metrics_path = run / "metrics.json"
-        if not metrics_path.exists():
-            rows.append({"run": run.name, "error": "no metrics.json (see the run's log)"})
+        wall_path = out / f"{run.name}.wall.json"
+        wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
+        config_path = run / "export" / "model_config.json"
+        m = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+        if m is None and config_path.exists():
+            m = _from_log(out / f"{run.name}.log")  # cut after training (e.g. by a timeout)
+        if m is None:
+            rows.append(
+                {
+                    "run": run.name,
+                    "error": f"no metrics (rc {wall.get('rc')}, see {run.name}.log)",
+                }
+            )
             continue
-        m = json.loads(metrics_path.read_text())
-        cfg = json.loads((run / "export" / "model_config.json").read_text())
+        cfg = json.loads(config_path.read_text())
         hidden, layers, ffn = _arch(cfg)
         n_items = cfg["data"]["n_items"]
         backbone = layers * (4 * hidden**2 + 3 * hidden * ffn)  # attention projections + SwiGLU
         mean_context = 25  # half the 50-event window
         flops_token = 6 * backbone + 6 * hidden * n_items + 12 * layers * hidden * mean_context
-        tps = m["best.train_tokens_per_s"]
+        # Steady: after the first batches (CUDA and allocator warm-up); whole: the epoch loop.
+        tps = m.get("best.train_tokens_per_s_steady", m["best.train_tokens_per_s"])
         rows.append(
             {
                 "run": run.name,
                 "parameters": m["parameters"],
                 "tokens_per_s": tps,
+                "tokens_per_s_whole_loop": m["best.train_tokens_per_s"],
                 "seq_per_s": m["best.train_seq_per_s"],
                 "gpu_peak_mem_gb": m.get("best.gpu_peak_mem_gb"),
                 "mfu": round(tps * flops_token / peak, 4) if peak else None,
                 "steps": m["best.step"],
+                "train_loop_s": m["best.train_seconds"],
+                "job_wall_s": wall.get("wall_s"),
+                "valid.ndcg@10": m.get("best.valid.ndcg@10"),
+                "test.ndcg@10": m.get("test.ndcg@10"),
+                "finished": metrics_path.exists(),  # False: the job stopped in its test evaluation
                 "hidden": hidden,
                 "layers": layers,
             }
         )
     report = {"gpu": gpu, "peak_bf16_flops": peak, "runs": rows}
     print(f"GPU: {gpu}")
-    print(f"{'run':12} {'params':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem GB':>11}")
+    print(f"{'run':12} {'params':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem GB':>11} {'job s':>6}")
     for r in rows:
         if "error" in r:
             print(f"{r['run']:12} {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(
-            f"{r['run']:12} {r['parameters'] / 1e6:7.0f}M {r['tokens_per_s']:10,.0f} {mfu:>6} {r['gpu_peak_mem_gb']!s:>11}"
+            f"{r['run']:12} {r['parameters'] / 1e6:7.0f}M {r['tokens_per_s']:10,.0f} {mfu:>6}"
+            f" {r['gpu_peak_mem_gb']!s:>11} {r['job_wall_s']!s:>6}"
         )
     Path("bench/results/gpu_check.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+
+def _from_log(log: Path) -> dict | None:
+    """Training metrics of a job cut after its last epoch report, read from its log: the
+    worker's `[train] {...}` line and the driver's parameter count, keyed as in metrics.json."""
+    if not log.exists():
+        return None
+    report, params = None, None
+    for line in log.read_text(errors="replace").splitlines():
+        if "[train] {" in line:
+            report = json.loads(line[line.index("[train] {") + len("[train] ") :])
+        elif line.startswith("[train] ") and " parameters; " in line:
+            params = int(line.split()[1].replace(",", ""))
+    if report is None or params is None:
+        return None
+    return {"parameters": params, **{f"best.{k}": v for k, v in report.items()}}
 
 
 def _arch(cfg: dict) -> tuple[int, int, int]:

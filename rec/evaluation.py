@@ -109,13 +109,16 @@ def evaluate(
 
     With popular=True, also the most-popular baseline (train counts) under `popular.<prefix>`.
     """
+    device = next(model.parameters()).device  # batches follow the model (CPU or GPU)
     cats = torch.as_tensor(tables.categories)
     counts = torch.as_tensor(tables.train_counts)
     ev = RankingEvaluator(cats, counts)
     pop = RankingEvaluator(cats, counts) if popular else None
+    counts = counts.to(device)
     was_training = model.training
     model.eval()
     for batch in batches:
+        batch = batch.to(device)
         targets = batch.targets[:, -1]
         ev.update(model.score_next(batch), targets, batch.items)
         if pop is not None:

@@ -34,6 +34,9 @@ from rec.train_config import TrainConfig
 
 SCORE = "valid.ndcg@10"  # early stopping and best-checkpoint metric
 CKPT_TAG = "ds"  # DeepSpeed checkpoint tag (a subdirectory; "latest" is its pointer file)
+# Batches per epoch left out of `train_tokens_per_s_steady` (CUDA context, allocator and
+# kernel selection warm up on the first steps; a short GPU run would otherwise under-report).
+WARM_BATCHES = 10
 
 
 @dataclass
@@ -120,6 +123,7 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(state["epoch"], cfg.epochs):
         engine.train()
         t0, tokens, seqs, losses = time.perf_counter(), 0, 0, []
+        warm = None  # (time, tokens) after WARM_BATCHES: throughput without the start-up cost
         big = cfg.batch_size * cfg.length_buckets
         for chunk in train_shard.iter_torch_batches(
             batch_size=big, collate_fn=collate, local_shuffle_buffer_size=4 * big
@@ -134,18 +138,30 @@ def train_loop_per_worker(config: dict) -> None:
                 tokens += int((batch.items > 0).sum())
                 seqs += batch.size
                 losses.append(logs)
+                if len(losses) == WARM_BATCHES:
+                    warm = (time.perf_counter(), tokens)
                 _maybe_inject_failure(cfg, rank, state["step"], spec.storage_dir)
                 if cfg.max_steps and state["step"] >= cfg.max_steps:
                     break
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
-        train_s = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        train_s = t_end - t0
         metrics = {
             "epoch": epoch + 1,
             "step": state["step"],
             "train_seconds": round(train_s, 2),
             "train_seq_per_s": round(seqs * world / train_s, 1),
             "train_tokens_per_s": round(tokens * world / train_s, 1),
+            **(
+                {
+                    "train_tokens_per_s_steady": round(
+                        (tokens - warm[1]) * world / (t_end - warm[0]), 1
+                    )
+                }
+                if warm and t_end > warm[0]
+                else {}
+            ),
             "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             **{f"train.{k}": float(np.mean([x[k] for x in losses])) for k in losses[0]},
         }
