@@ -26,6 +26,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from rec.data.batch import Batch
 from rec.evaluation import build_recommender, load_item_tables
 from rec.metrics import RankingEvaluator
 from rec.model import ModelConfig, count_parameters, model_summary
@@ -62,7 +63,12 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
         "valid": training_dataset(spec.prepared_dir, "valid", spec.model.max_len),
     }
     if cfg.materialize_data:
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        # Shuffled once first: the split hands each worker a contiguous range of rows, and
+        # prepared files are ordered (on Beauty the first half holds 41 % more tokens than the
+        # second), so unshuffled, one worker did more work per step and the other waited for it.
+        datasets = {
+            name: ds.random_shuffle(seed=cfg.seed).materialize() for name, ds in datasets.items()
+        }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -114,20 +120,28 @@ def train_loop_per_worker(config: dict) -> None:
     state = _restore(engine, cfg)
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    collate = BatchCollate()
+    big = cfg.batch_size * cfg.length_buckets  # rows per chunk, cut into length buckets
+    if cfg.shard_in_memory:  # read once, before the clock of the first epoch starts
+        train_rows = _rows_in_memory(train_shard, big, collate)
+        valid_shard = [_rows_in_memory(valid_shard, big, collate)]
     # The same seed on every rank: each step then takes the same length quantile of every
     # rank's chunk, so ranks do similar work per step and wait less at the gradient sync
     # (per-rank seeds paired short with long batches: ~1/3 of the CPU went to waiting).
     rng = np.random.default_rng(cfg.seed + 1000 * state["epoch"])
-    collate = BatchCollate()
 
     for epoch in range(state["epoch"], cfg.epochs):
         engine.train()
         t0, tokens, seqs, losses = time.perf_counter(), 0, 0, []
         warm = None  # (time, tokens) after WARM_BATCHES: throughput without the start-up cost
-        big = cfg.batch_size * cfg.length_buckets
-        for chunk in train_shard.iter_torch_batches(
-            batch_size=big, collate_fn=collate, local_shuffle_buffer_size=4 * big
-        ):
+        chunks = (
+            _shuffled_chunks(train_rows, big, rng)
+            if cfg.shard_in_memory
+            else train_shard.iter_torch_batches(
+                batch_size=big, collate_fn=collate, local_shuffle_buffer_size=4 * big
+            )
+        )
+        for chunk in chunks:
             for batch in _length_batches(chunk, cfg.batch_size, rng):
                 batch = batch.to(engine.device)
                 loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
@@ -189,12 +203,35 @@ def train_loop_per_worker(config: dict) -> None:
             break
 
 
+def _rows_in_memory(shard, chunk_rows: int, collate) -> Batch:
+    """All of this rank's rows of a dataset shard as one Batch of tensors."""
+    chunks = list(shard.iter_torch_batches(batch_size=chunk_rows, collate_fn=collate))
+    if not chunks:
+        raise ValueError("a training worker got no rows: fewer rows than train.num_workers")
+    return Batch(**{k: torch.cat([getattr(c, k) for c in chunks]) for k in chunks[0].__dict__})
+
+
+def _shuffled_chunks(rows: Batch, chunk_rows: int, rng: np.random.Generator):
+    """The rows in a new random order, in chunks (what the streaming path's shuffle gives)."""
+    order = torch.as_tensor(rng.permutation(rows.size))
+    for i in range(0, rows.size, chunk_rows):
+        idx = order[i : i + chunk_rows]
+        yield Batch(**{k: v[idx] for k, v in rows.__dict__.items()})
+
+
 @torch.no_grad()
 def validate(model, shard, tables, batch_size: int, collate) -> dict[str, float]:
-    """Full-ranking metrics on this rank's validation shard, merged over all ranks."""
+    """Full-ranking metrics on this rank's validation shard, merged over all ranks.
+
+    shard: a Ray Data shard, or a list holding this rank's rows as one Batch."""
     ev = RankingEvaluator(torch.as_tensor(tables.categories), torch.as_tensor(tables.train_counts))
     model.eval()
-    for chunk in shard.iter_torch_batches(batch_size=8 * batch_size, collate_fn=collate):
+    chunks = (
+        shard
+        if isinstance(shard, list)
+        else shard.iter_torch_batches(batch_size=8 * batch_size, collate_fn=collate)
+    )
+    for chunk in chunks:
         for batch in _length_batches(chunk, batch_size, None):
             batch = batch.to(next(model.parameters()).device)
             ev.update(model.score_next(batch).float(), batch.targets[:, -1], batch.items)

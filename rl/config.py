@@ -12,6 +12,7 @@ from typing import Literal
 
 ActionMode = Literal["discrete", "continuous"]
 OnExhausted = Literal["recycle", "end"]
+Similarity = Literal["category", "embedding"]
 
 # Discrete actions index this grid: lam in {0, 0.1, ..., 1}.
 N_LAM_LEVELS = 11
@@ -102,6 +103,12 @@ class EnvConfig:
     # even that leaves < k); "end" truncates the episode.
     on_exhausted: OnExhausted = "recycle"
     entropy_window: int = 3  # slates whose shown categories make the entropy observation
+    # What the DPP counts as similar: "embedding" (cosine of the ranker's item vectors, Serve's
+    # default) or "category" (Jaccard of category sets, what the simulated user satiates on).
+    # Serve the policy with the same `serve.similarity`: lam means another list under the other.
+    # On Beauty, lam 0 -> 1 moves slate ILD 0.82 -> 0.88 (embedding), 0.82 -> 0.91 (category);
+    # returns stay flat over lam under both.
+    similarity: Similarity = "embedding"
     seed: int | None = None  # seed of the first reset when the caller passes none
     satiation: SatiationConfig = field(default_factory=SatiationConfig)
     choice: ChoiceConfig = field(default_factory=ChoiceConfig)
@@ -116,6 +123,8 @@ class EnvConfig:
             raise ValueError(f"env.n_candidates ({self.n_candidates!r}) must be >= k ({self.k!r})")
         if self.action_mode not in ("discrete", "continuous"):
             raise ValueError(f"env.action_mode must be discrete|continuous: {self.action_mode!r}")
+        if self.similarity not in ("category", "embedding"):
+            raise ValueError(f"env.similarity must be category|embedding: {self.similarity!r}")
         if self.on_exhausted not in ("recycle", "end"):
             raise ValueError(f"env.on_exhausted must be recycle|end, got {self.on_exhausted!r}")
         if self.purchase_weight < 0:

@@ -6,7 +6,9 @@ with `reset(options={"user": u})`). Each step:
 
 1. action -> lam (discrete: Discrete(11), lam = action / 10; continuous: Box([0], [1]));
 2. the ranker's candidates not yet shown this session are re-ranked with
-   `rec.rerank.dpp(scores, k, lam, vectors=...)` (lam = 0 is the ranker's top-k);
+   `rec.rerank.dpp(scores, k, lam, ...)` (lam = 0 is the ranker's top-k), its similarity the
+   Jaccard overlap of the items' category sets (`EnvConfig.similarity`; or the cosine of the
+   ranker's item vectors);
 3. the simulated user (`rl/users.py`) responds: clicks, purchases, satiation, leave;
 4. reward = clicks + purchase_weight * purchases.
 
@@ -49,7 +51,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from rec.rerank import dpp
+from rec.rerank import category_jaccard_similarity, dpp
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.simdata import SimulatorData
 from rl.users import SimulatedUser, category_weights, history_exploration
@@ -132,7 +134,12 @@ class DiversityEnv(gym.Env):
         """Show one DPP slate at the action's lam -> (obs, reward, terminated, truncated, info)."""
         lam = self._lam(action)
         avail = np.flatnonzero(self._free)  # (A,) candidate positions, still in score order
-        picks = dpp(self._user_scores[None, avail], self.cfg.k, lam, vectors=self._vecs[:, avail])
+        kernel = (
+            {"similarity": self._sim[np.ix_(avail, avail)][None]}
+            if self._sim is not None
+            else {"vectors": self._vecs[:, avail]}
+        )
+        picks = dpp(self._user_scores[None, avail], self.cfg.k, lam, **kernel)
         slate = avail[picks[0]]  # (k,) candidate positions in slate order
         cats, weights = self._cats[slate], self._cat_w[slate]  # (k, C), (k, C)
         resp = self.user.respond(self._user_aff[slate], cats, weights, self.np_random)
@@ -174,6 +181,11 @@ class DiversityEnv(gym.Env):
         self._user_scores = self._scores[u]  # (N,) float64
         self._vecs = d.item_vectors[self._item_ids][None]  # (1, N, D)
         self._cats = d.item_categories[self._item_ids]  # (N, C)
+        self._sim = (  # (N, N) category Jaccard, once per session (None: cosine of _vecs)
+            category_jaccard_similarity(self._cats[None])[0]
+            if self.cfg.similarity == "category"
+            else None
+        )
         self._cat_w = self._weights[self._item_ids]  # (N, C)
         self._user_aff = self._aff[u]  # (N,)
         self.user.start(d.types, u)

@@ -108,6 +108,26 @@ def test_lam_zero_slate_is_the_rankers_top_k(world):
         np.testing.assert_array_equal(info["slate"], world.candidates[user][order])
 
 
+def test_category_kernel_diversifies_categories_more_than_item_vectors(world):
+    """similarity="category" runs the DPP on the Jaccard of category sets: at lam = 1 its
+    first slate spans more categories than the cosine kernel's, and at lam = 0 both are the
+    ranker's top k."""
+    ild = {}
+    for sim in ("embedding", "category"):
+        env = DiversityEnv(world, EnvConfig(similarity=sim, action_mode="continuous"))
+        vals, tops = [], []
+        for user in range(40):
+            env.reset(seed=0, options={"user": user})
+            tops.append(env.step(np.array([0.0], np.float32))[4]["slate"])
+            env.reset(seed=0, options={"user": user})
+            vals.append(env.step(np.array([1.0], np.float32))[4]["ild"])
+        ild[sim] = (float(np.mean(vals)), tops)
+    np.testing.assert_array_equal(ild["embedding"][1], ild["category"][1])
+    assert ild["category"][0] > ild["embedding"][0]
+    with pytest.raises(ValueError, match="similarity"):
+        EnvConfig(similarity="jaccard")
+
+
 def test_slates_never_repeat_until_the_pool_is_recycled(world):
     quiet = LeavingConfig(base=0.0, increment=0.0, cap=0.0)  # nobody leaves
     env = DiversityEnv(world, EnvConfig(max_steps=10, leaving=quiet))

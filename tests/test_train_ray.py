@@ -119,6 +119,7 @@ def test_zero3_bf16_path_runs_on_cpu(tmp_path, prepared):
             "train.max_steps=3",
             "train.deepspeed.zero_stage=3",
             "train.deepspeed.precision=bf16",
+            "train.shard_in_memory=false",  # the streaming path (the others copy shards)
         )
     )
     assert metrics["best.step"] == 3 and 0.0 <= metrics["test.ndcg@10"] <= 1.0
@@ -145,3 +146,21 @@ def test_tune_sweep_writes_best_config(tmp_path, prepared):
     best = load_config(RunConfig, tmp_path / "best.yaml")  # loads back as a run config
     assert best.model.hidden_size in (16, 32)
     assert best.train.lr == pytest.approx(report["best"]["lr"])
+
+
+def test_shuffled_chunks_cover_every_row_once_in_a_new_order():
+    import numpy as np
+
+    from rec.data.batch import Batch
+    from rec.train import _shuffled_chunks
+
+    n, t = 23, 4
+    ids = torch.arange(n)[:, None].expand(n, t).contiguous()  # row i holds i everywhere
+    rows = Batch(items=ids, behaviors=ids, gaps=ids, targets=ids, target_behaviors=ids)
+    chunks = list(_shuffled_chunks(rows, 5, np.random.default_rng(0)))
+    assert [c.size for c in chunks] == [5, 5, 5, 5, 3]
+    seen = torch.cat([c.items[:, 0] for c in chunks])
+    assert sorted(seen.tolist()) == list(range(n))  # every row once
+    assert all(torch.equal(c.items, c.targets) for c in chunks)  # fields stay aligned
+    again = torch.cat([c.items[:, 0] for c in _shuffled_chunks(rows, 5, np.random.default_rng(1))])
+    assert not torch.equal(seen, again) and not torch.equal(seen, torch.arange(n))
