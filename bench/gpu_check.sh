@@ -9,7 +9,7 @@
 #
 # Env: PYTHON (default .venv/bin/python, else python3), OUT_DIR (work dir, default
 # .cache/gpu_check), PREPARED (an already prepared data dir; default: prepared here),
-# RUN_TIMEOUT (seconds per run, default 300), DEADLINE (unix time after which no run starts),
+# RUN_TIMEOUT (seconds per run, default 1200), DEADLINE (unix time after which no run starts),
 # RUNS (which of base-z3 large-z3 base-z2 large-z2, in that order by default).
 # Data: a synthetic Taobao-schema log (60k users, 100k items) generated on the spot, so the
 # check needs no download; the large catalogue makes the full softmax realistic.
@@ -48,7 +48,7 @@ for run in ${RUNS:-base-z3 large-z3 base-z2 large-z2}; do
   dir="$OUT/$run"
   echo "== $run: model $size, ZeRO-$stage, bf16, batch 256, $STEPS steps; free disk $(df -h --output=avail "$OUT" | tail -1)"
   start=$(date +%s)
-  timeout "${RUN_TIMEOUT:-300}" "$PY" -m jobs.train "${common[@]}" "output_dir=$dir" \
+  timeout "${RUN_TIMEOUT:-1200}" "$PY" -m jobs.train "${common[@]}" "output_dir=$dir" \
     "model.size=$size" "train.deepspeed.zero_stage=$stage" >"$dir.log" 2>&1
   rc=$?
   # A timed-out driver leaves its local Ray (and the GPU memory its worker holds) behind.
