@@ -7,8 +7,8 @@ with `reset(options={"user": u})`). Each step:
 1. action -> lam (discrete: Discrete(11), lam = action / 10; continuous: Box([0], [1]));
 2. the ranker's candidates not yet shown this session are re-ranked with
    `rec.rerank.dpp(scores, k, lam, ...)` (lam = 0 is the ranker's top-k), its similarity the
-   Jaccard overlap of the items' category sets (`EnvConfig.similarity`; or the cosine of the
-   ranker's item vectors);
+   cosine of the ranker's item vectors or, with `EnvConfig.similarity="category"`, the
+   Jaccard overlap of the items' category sets;
 3. the simulated user (`rl/users.py`) responds: clicks, purchases, satiation, leave;
 4. reward = clicks + purchase_weight * purchases.
 
