@@ -100,7 +100,8 @@ def test_metrics(export: Path, prepared: Path, batch_size: int) -> dict:
     On a GPU machine the driver scores on the GPU with TF32 matmuls: a 1B model over every
     test user would take over an hour on its CPUs."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     model = load_export(export, device=device)
     tables = load_item_tables(prepared)
     test = load_examples(prepared, "test", model.cfg.max_len)
