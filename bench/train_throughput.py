@@ -32,17 +32,20 @@ def bare(prepared: Path, size: str, batch: int) -> dict:
     import numpy as np
     import torch
 
-    from rec.evaluation import build_recommender, iter_batches, load_examples, load_item_tables
+    from rec.data.batch import collate, length_batches
+    from rec.data.splits import load_examples, load_item_tables
     from rec.model import ModelConfig
+    from rec.recommender import build_recommender
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     tables = load_item_tables(prepared)
     model = build_recommender(ModelConfig(size=size, use_time_gaps=False), tables)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    examples = load_examples(prepared, "train", tables.meta["max_len"])
+    rows = collate(load_examples(prepared, "train", tables.meta["max_len"]))
     t0, seqs, tokens, steps = time.perf_counter(), 0, 0, 0
-    for b in iter_batches(examples, batch, np.random.default_rng(0), length_buckets=8):
+    # The same length bucketing as the Ray Train loop (TrainConfig.length_buckets = 8).
+    for _, b in length_batches(rows, batch, np.random.default_rng(0), bucket_rows=8 * batch):
         loss, _ = model.loss(b)
         opt.zero_grad()
         loss.backward()
@@ -63,7 +66,7 @@ def bare(prepared: Path, size: str, batch: int) -> dict:
 def ray_deepspeed(prepared: Path, size: str, batch: int, out: Path) -> dict:
     from jobs.config import RunConfig
     from jobs.train import run
-    from rec.config import load_config
+    from rec.config_loader import load_config
 
     cfg = load_config(
         RunConfig,

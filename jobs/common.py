@@ -1,4 +1,5 @@
-"""What every job shares: the Ray connection, argument parsing, clean error exits."""
+"""What every job shares: the Ray connection, argument parsing, clean error exits, and where
+a run's prepared data is."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from rec.config import ConfigError, load_config
+from rec.config_loader import ConfigError, load_config
 from rec.data.textio import DataError
+
+if TYPE_CHECKING:  # jobs.config imports RayConfig from here
+    from jobs.config import RunConfig
 
 T = TypeVar("T")
 
@@ -45,6 +50,15 @@ def init_ray(cfg: RayConfig) -> None:
         _node_ip_address=cfg.local_ip,
         log_to_driver=True,
     )
+
+
+def prepared_dir(cfg: RunConfig, model_dir: str | Path | None = None) -> Path:
+    """The prepared-data folder a run reads: `train.prepared_dir` when set, else the `data/`
+    a train job keeps beside its export. model_dir: that train job's output_dir (default: this
+    run's own output_dir, as in jobs.train and jobs.tune, which prepare it when missing)."""
+    if cfg.train.prepared_dir:
+        return Path(cfg.train.prepared_dir).resolve()
+    return Path(model_dir or cfg.output_dir).resolve() / "data"
 
 
 def parse_args(cls: type[T], argv: list[str] | None, description: str) -> T:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from jobs.common import RayConfig
+from jobs.sweep import SweepConfig
 from rec.data.config import DataConfig
 from rec.frontier import FrontierConfig
 from rec.model import ModelConfig
-from rec.train_config import SweepConfig, TrainConfig
+from rec.rerank import RerankConfig
+from rec.train_config import TrainConfig
 from rl.config import EnvConfig
 from rl.policy import PolicyConfig
 from rl.world import WorldConfig
@@ -51,10 +53,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # Ray Train + DeepSpeed training (rec/train_config.py).
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Hyper-parameter sweep (jobs/tune.py) over the training above.
+    # Hyper-parameter sweep (jobs/sweep.py, run by jobs/tune.py) over the training above.
     tune: SweepConfig = field(default_factory=SweepConfig)
     # How the job reaches Ray.
     ray: RayConfig = field(default_factory=RayConfig)
+    # How retrieved candidates are re-ranked (rec/rerank.py): one section shared by serving,
+    # the frontier (which sweeps method and lam over it) and the simulator's env.
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     # The Ray Serve application (serve/config.py), run by jobs/serve.py.
     serve: ServeConfig = field(default_factory=ServeConfig)
     # Relevance-diversity frontier of a trained model (rec/frontier.py, jobs/evaluate.py).
@@ -67,3 +72,9 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # The end-to-end job (jobs/pipeline.py): stages to skip, resume, how serving ends.
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    def __post_init__(self) -> None:
+        # Checks across sections, at load time (exit 2 before any Ray starts). serve.max_k <=
+        # rerank.n_candidates is checked when serving starts (`ServeConfig.check_rerank`), so
+        # that other jobs may lower n_candidates without touching the serve section.
+        self.frontier.measured(self.rerank)  # frontier.k <= rerank.n_candidates

@@ -5,7 +5,7 @@
 
 `model_dir` is a train job's output_dir (its export/ and data/; train.prepared_dir overrides
 the data). For every test user the full catalogue is scored once, the top
-`frontier.n_candidates` re-ranked by each method at each lam, and the top-`frontier.k` lists
+`rerank.n_candidates` re-ranked by each method at each lam, and the top-`frontier.k` lists
 measured (rec/frontier.py). No Ray: one process, torch + numpy. Writes
 
   <output_dir>/frontier.json  per method per lam: NDCG@10, Recall@10, ILD@10 (category
@@ -15,11 +15,9 @@ measured (rec/frontier.py). No Ray: one process, torch + numpy. Writes
                               method the largest ILD gain whose NDCG drop is <= 2%
   <output_dir>/frontier.png   NDCG@10 against ILD@10, one curve per method, points labelled lam
 
-Expect 1-5 minutes for all 22,363 Beauty test users on 2 cores (261 s measured with other
-work on the machine, ~60 s alone): scoring dominates, each re-ranking pass takes 1-2 s. The
-`none` row equals the train job's `test_unseen.*` metrics (protocol "unseen", the default) or
-`test.*` (protocol "full"). On Beauty: ILD@10 +7.4% at NDCG@10 -1.7% (DPP, lam 0.2); see
-bench/README.md for the whole frontier.
+Scoring the catalogue dominates the run time. The `none` row equals the train job's
+`test_unseen.*` metrics (protocol "unseen", the default) or `test.*` (protocol "full").
+Measured run times and Beauty's frontier: bench/README.md, "Relevance-diversity frontier".
 """
 
 from __future__ import annotations
@@ -28,9 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import main_guard, parse_args
+from jobs.common import main_guard, parse_args, prepared_dir
 from jobs.config import RunConfig
-from rec.config import ConfigError
+from rec.config_loader import ConfigError
 from rec.frontier import compute_frontier
 
 COLORS = {"none": "black", "mmr": "tab:blue", "dpp": "tab:red"}
@@ -42,11 +40,11 @@ def run(cfg: RunConfig) -> dict:
         raise ConfigError("model_dir: required (a train job's output_dir, with export/ and data/)")
     model_dir = Path(cfg.model_dir)
     export = model_dir / "export"
-    prepared = Path(cfg.train.prepared_dir) if cfg.train.prepared_dir else model_dir / "data"
+    prepared = prepared_dir(cfg, model_dir)
     for path, what in ((export, "export"), (prepared / "meta.json", "prepared data")):
         if not path.exists():
             raise ConfigError(f"model_dir: no {what} at {str(path)!r}")
-    result = compute_frontier(export, prepared, cfg.frontier)
+    result = compute_frontier(export, prepared, cfg.frontier, cfg.rerank)
     result["model_dir"] = str(model_dir)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from jobs import evaluate, prepare, train, train_policy
 from jobs import serve as serve_job
 from jobs.common import RayConfig, main_guard, parse_args
 from jobs.config import RunConfig
-from rec.config import ConfigError
+from rec.config_loader import ConfigError
 
 
 def run(cfg: RunConfig) -> dict:

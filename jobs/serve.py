@@ -18,7 +18,7 @@ import time
 
 from jobs.common import init_ray, main_guard, parse_args
 from jobs.config import RunConfig
-from rec.config import ConfigError
+from rec.config_loader import ConfigError
 
 
 def run(cfg: RunConfig, block: bool = True) -> str:
@@ -30,7 +30,7 @@ def run(cfg: RunConfig, block: bool = True) -> str:
     if cfg.model_dir is None:
         raise ConfigError("model_dir is required: a train job's output_dir (with export/)")
     try:
-        app = build_app(cfg.serve, cfg.model_dir, cfg.policy_dir)
+        app = build_app(cfg.serve, cfg.rerank, cfg.model_dir, cfg.policy_dir)
     except ValueError as err:  # missing artifacts: a config problem, not a crash
         raise ConfigError(str(err)) from None
     init_ray(cfg.ray)

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rec.config import from_dict
-from rec.heads import Recommender
+from rec.config_loader import from_dict
 from rec.model import DataDims, ModelConfig
+from rec.recommender import Recommender
 
 EXPORT_FORMAT = "raydiv-rec/seqrec-v1"
 WEIGHTS_FILE = "model.safetensors"

@@ -1,8 +1,9 @@
 """The relevance-diversity frontier: score once, re-rank many times, measure every list.
 
 For every test user the model scores the whole catalogue once (`Recommender.score_next`);
-the top `n_candidates` become the candidate pool, and each method in {none, mmr, dpp}
-(rec/rerank.py) picks a list of `k` from that pool at every lam of the grid. Each list is
+the top `rerank.n_candidates` become the candidate pool, and each method in {none, mmr, dpp}
+(`rec.rerank.rerank` under the run's `rerank:` section) picks a list of `k` from that pool at
+every lam of the grid. Each list is
 measured with rec/metrics.py's definitions:
 
     ndcg@k, recall@k  position of the held-out target in the list (one target per user)
@@ -17,24 +18,24 @@ measured with rec/metrics.py's definitions:
 only exact score ties could differ: the evaluator counts them against the target, a list
 puts one of them first). No Ray here: a single-process torch + numpy loop.
 
-    result = compute_frontier(export_dir, prepared_dir, FrontierConfig())
+    result = compute_frontier(export_dir, prepared_dir, FrontierConfig(), RerankConfig())
     result["frontier"]["dpp"][3]  # {"lam": 0.2, "ndcg@10": ..., "ild@10": ..., ...}
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from rec.config import ConfigError
-from rec.evaluation import ItemTables, eval_batches, load_examples, load_item_tables
+from rec.config_loader import ConfigError
+from rec.data.batch import SCORE_BATCH_SIZE, collate, length_batches
+from rec.data.splits import ItemTables, load_examples, load_item_tables
 from rec.export import load_export
-from rec.heads import Recommender
 from rec.metrics import (
     category_coverage,
     dedupe_categories,
@@ -46,43 +47,40 @@ from rec.metrics import (
     recall_at_k,
     self_information,
 )
-from rec.rerank import category_jaccard_similarity, cosine_similarity, dpp, mmr
-
-Method = Literal["none", "mmr", "dpp"]
+from rec.recommender import Recommender
+from rec.rerank import METHODS, Method, RerankConfig, Similarity, rerank, similarity_inputs
 
 
 @dataclass
 class FrontierConfig:
-    """What `jobs.evaluate` sweeps: methods x lam grid over one candidate pool per user."""
+    """What `jobs.evaluate` sweeps: methods x lam grid over one candidate pool per user.
 
-    # Re-rankers to compare; "none" (the model's own order) is the reference for the changes.
-    methods: list[Method] = field(default_factory=lambda: ["none", "mmr", "dpp"])
-    # Diversity weights in [0, 1]; denser at the low end, where both methods still keep most
+    Everything else comes from the run's `rerank:` section (theta_max, n_candidates, ...), so the
+    frontier measures what serving does; only the two kernel fields below may override it.
+    """
+
+    # Sweep axis over `rerank.method`; "none" (the model's own order) is the reference.
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    # Sweep axis over lam in [0, 1]; denser at the low end, where both methods still keep most
     # of the relevance (lam = 0 reproduces `none`, a built-in check of the pipeline).
     lams: list[float] = field(
         default_factory=lambda: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
     )
-    # Candidates per user taken from the full-catalogue ranking and handed to the re-ranker
-    # (the serving path's retrieval stage, rec.rerank.RerankConfig.n_candidates).
-    n_candidates: int = 100
-    # List length: every metric is @k.
+    # List length: every metric is @k (<= rerank.n_candidates).
     k: int = 10
-    # Similarity the re-rankers use: cosine of the model's item vectors, or category Jaccard.
-    # Category: on Beauty it buys ~2.5x more ILD@10 (a category metric) per NDCG point.
-    similarity: Literal["embedding", "category"] = "category"
-    # Mix the similarity with the identity, S' = (1 - a) S + a I (still PSD, unit diagonal).
-    # Category Jaccard gives identical rows to items with the same category set, so DPP
-    # (log det = -inf) drops every such duplicate at any lam > 0: a jump, not a trade-off.
-    # a > 0 makes a duplicate costly instead of impossible (MMR only sees S scaled by 1 - a).
-    identity_mix: float = 0.1
-    # DPP relevance scale at lam = 0.5 (theta = theta_max * (1 - lam) / lam, see rec.rerank.dpp).
-    theta_max: float = 1.0
+    # The kernel the frontier measures under, overriding `rerank.similarity` and
+    # `rerank.identity_mix` for this sweep only (null: measure the served kernel). The
+    # frontier compares kernels (bench/README.md); its published numbers use category Jaccard
+    # + 10 % identity, which on Beauty buys ~2.5x more ILD@10 (a category metric) per NDCG
+    # point than the item-vector cosine that serving and the env default to.
+    similarity: Similarity | None = "category"
+    identity_mix: float | None = 0.1
     # "unseen": the user's history is removed from the candidates (the target never is), as a
     # served list would never re-offer what the user already has; it matches `test_unseen.*`.
     # "full": history stays in (the S3-Rec/RecBole protocol of `test.*`).
     protocol: Literal["unseen", "full"] = "unseen"
     # Users scored per forward pass.
-    batch_size: int = 256
+    batch_size: int = SCORE_BATCH_SIZE
     # Evaluate a random subset of this many test users (quick runs); None = all of them.
     max_users: int | None = None
     # Seed of that subset.
@@ -95,27 +93,36 @@ class FrontierConfig:
     def __post_init__(self) -> None:
         if not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"frontier.methods must be distinct and non-empty: {self.methods!r}")
-        bad = [m for m in self.methods if m not in ("none", "mmr", "dpp")]
+        bad = [m for m in self.methods if m not in METHODS]
         if bad:
-            raise ValueError(f"frontier.methods: unknown method {bad[0]!r}; use none, mmr, dpp")
+            raise ValueError(f"frontier.methods: unknown method {bad[0]!r}; use one of {METHODS}")
         if not self.lams or any(not 0.0 <= lam <= 1.0 for lam in self.lams):
             raise ValueError(f"frontier.lams must be non-empty values in [0, 1]: {self.lams!r}")
         if len(set(self.lams)) != len(self.lams):
             raise ValueError(f"frontier.lams must be distinct: {self.lams!r}")
-        if not 1 <= self.k <= self.n_candidates:
-            raise ValueError(
-                f"frontier.k must be in [1, n_candidates={self.n_candidates}], got {self.k!r}"
-            )
+        if self.k < 1:
+            raise ValueError(f"frontier.k must be >= 1, got {self.k!r}")
         if self.batch_size < 1:
             raise ValueError(f"frontier.batch_size must be >= 1, got {self.batch_size!r}")
         if self.max_users is not None and self.max_users < 1:
             raise ValueError(f"frontier.max_users must be >= 1 or null, got {self.max_users!r}")
-        if not (np.isfinite(self.theta_max) and self.theta_max >= 0):
-            raise ValueError(f"frontier.theta_max must be finite and >= 0: {self.theta_max!r}")
-        if not 0.0 <= self.identity_mix < 1.0:
+        if self.identity_mix is not None and not 0.0 <= self.identity_mix < 1.0:
             raise ValueError(f"frontier.identity_mix must be in [0, 1): {self.identity_mix!r}")
         if not 0.0 <= self.max_ndcg_drop < 1.0:
             raise ValueError(f"frontier.max_ndcg_drop must be in [0, 1): {self.max_ndcg_drop!r}")
+
+    def measured(self, rerank: RerankConfig) -> RerankConfig:
+        """The re-ranking settings the sweep measures: `rerank` with the kernel overrides."""
+        if not 1 <= self.k <= rerank.n_candidates:
+            raise ValueError(
+                f"frontier.k must be in [1, rerank.n_candidates={rerank.n_candidates}], "
+                f"got {self.k!r}"
+            )
+        return replace(
+            rerank,
+            similarity=rerank.similarity if self.similarity is None else self.similarity,
+            identity_mix=rerank.identity_mix if self.identity_mix is None else self.identity_mix,
+        )
 
     def settings(self) -> list[tuple[str, float | None]]:
         """(method, lam) pairs in output order; "none" has no lam."""
@@ -145,47 +152,34 @@ def candidate_pool(
     top = scores[:, 1:].topk(n, dim=1)  # (B, n), sorted
     if not bool(torch.isfinite(top.values).all()):
         raise ConfigError(
-            f"frontier.n_candidates={n}: fewer finite-scored items than that remain after "
+            f"rerank.n_candidates={n}: fewer finite-scored items than that remain after "
             "removing the history; lower n_candidates"
         )
     return Candidates(top.indices + 1, top.values, targets)
 
 
-def similarity_inputs(
-    cands: Candidates, cfg: FrontierConfig, item_table: torch.Tensor, categories: torch.Tensor
+def kernel_inputs(
+    cands: Candidates, measured: RerankConfig, item_table: torch.Tensor, categories: torch.Tensor
 ) -> dict[str, np.ndarray]:
-    """The re-rankers' similarity argument for a batch (built once, reused by every method
-    and lam): item vectors (B, N, D) float32 for "embedding" (cosine computed inside), else
-    a (B, N, N) float64 matrix: category Jaccard, and/or mixed with the identity."""
-    if cfg.similarity == "embedding":
-        vectors = item_table[cands.items].numpy()  # (B, N, D)
-        if cfg.identity_mix == 0.0:
-            return {"vectors": vectors}
-        sim = cosine_similarity(vectors)  # (B, N, N)
-    else:
-        sim = category_jaccard_similarity(categories[cands.items].numpy())  # (B, N, N)
-    if cfg.identity_mix > 0.0:
-        diag = np.arange(sim.shape[1])
-        sim *= 1.0 - cfg.identity_mix
-        sim[:, diag, diag] = 1.0
-    return {"similarity": sim}
+    """The re-rankers' similarity argument for a batch, built once and reused by every method
+    and lam (`rec.rerank.similarity_inputs`: item vectors or a (B, N, N) float64 matrix)."""
+    if measured.similarity == "embedding":
+        return similarity_inputs(measured, vectors=item_table[cands.items].numpy())  # (B, N, D)
+    return similarity_inputs(measured, cat_ids=categories[cands.items].numpy())  # (B, N, C)
 
 
 def pick(
     method: str,
     lam: float | None,
     cands: Candidates,
-    sim: dict[str, np.ndarray],
-    cfg: FrontierConfig,
+    kernel: dict[str, np.ndarray],
+    measured: RerankConfig,
+    k: int,
 ) -> torch.Tensor:
     """(B, k) int64 item indices chosen by `method` at `lam` from the candidate pool."""
-    if method == "none":
-        return cands.items[:, : cfg.k]  # the pool is already in score order
-    scores = cands.scores.double().numpy()  # (B, N)
-    if method == "mmr":
-        pos = mmr(scores, cfg.k, lam, **sim)
-    else:
-        pos = dpp(scores, cfg.k, lam, theta_max=cfg.theta_max, **sim)
+    scores = cands.scores.double().numpy()  # (B, N), already in score order
+    cfg = replace(measured, method=method)  # the sweep axis over rerank.method
+    pos = rerank(scores, k, 0.0 if lam is None else lam, cfg, **kernel)  # (B, k)
     return cands.items.gather(1, torch.from_numpy(pos))  # (B, k)
 
 
@@ -245,24 +239,29 @@ def list_metrics(
 
 @torch.no_grad()
 def sweep(
-    model: Recommender, examples: dict[str, np.ndarray], tables: ItemTables, cfg: FrontierConfig
+    model: Recommender,
+    examples: dict[str, np.ndarray],
+    tables: ItemTables,
+    cfg: FrontierConfig,
+    measured: RerankConfig,
 ) -> dict[tuple[str, float | None], dict[str, float]]:
-    """Score every example once, re-rank each batch with every (method, lam); mean metrics."""
+    """Score every example once, re-rank each batch with every (method, lam) under `measured`
+    (`cfg.measured(rerank)`); mean metrics."""
     model.eval()
     item_table = model.model.item_embeddings().float()  # (n_items + 1, D)
     categories = dedupe_categories(torch.as_tensor(tables.categories).long())  # (n_items + 1, C)
     self_info = self_information(torch.as_tensor(tables.train_counts))
     settings = cfg.settings()
     acc = {s: ListMetrics(tables.n_items, cfg.k) for s in settings}
-    for batch in eval_batches(examples, cfg.batch_size):
+    for _, batch in length_batches(collate(examples), cfg.batch_size):
         targets = batch.targets[:, -1]  # (B,)
         scores = model.score_next(batch)  # (B, n_items + 1)
-        cands = candidate_pool(scores, targets, batch.items, cfg.n_candidates, cfg.protocol)
-        sim = similarity_inputs(cands, cfg, item_table, categories)
+        cands = candidate_pool(scores, targets, batch.items, measured.n_candidates, cfg.protocol)
+        kernel = kernel_inputs(cands, measured, item_table, categories)
         ref = list_metrics(cands.items[:, : cfg.k], targets, categories, item_table, self_info)
         for method, lam in settings:
             t0 = time.perf_counter()
-            lists = pick(method, lam, cands, sim, cfg)  # (B, k)
+            lists = pick(method, lam, cands, kernel, measured, cfg.k)  # (B, k)
             acc[(method, lam)].seconds += time.perf_counter() - t0
             per_user = (
                 ref
@@ -324,10 +323,22 @@ def select_users(examples: dict[str, np.ndarray], max_users: int | None, seed: i
     return {name: arr[idx] for name, arr in examples.items()}
 
 
-def compute_frontier(export_dir: str | Path, prepared_dir: str | Path, cfg: FrontierConfig) -> dict:
+def compute_frontier(
+    export_dir: str | Path,
+    prepared_dir: str | Path,
+    cfg: FrontierConfig,
+    rerank_cfg: RerankConfig | None = None,
+) -> dict:
     """Load the serving export and the prepared test split; sweep; return the frontier.json
-    content: {"config", "n_users", "protocol", "frontier": {method: [rows]}, "summary", ...}."""
+    content: {"config", "n_users", "protocol", "frontier": {method: [rows]}, "summary", ...}.
+
+    rerank_cfg: the run's `rerank:` section (default: `RerankConfig()`); "config" records the
+    frontier's own fields plus the kernel, theta_max and n_candidates it measured under."""
     t0 = time.perf_counter()
+    try:
+        measured = cfg.measured(rerank_cfg or RerankConfig())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     model = load_export(export_dir)
     tables = load_item_tables(prepared_dir)
     if tables.n_items != model.dims.n_items:
@@ -335,21 +346,21 @@ def compute_frontier(export_dir: str | Path, prepared_dir: str | Path, cfg: Fron
             f"export has {model.dims.n_items} items but {str(prepared_dir)!r} has "
             f"{tables.n_items}: model_dir's export and data do not belong together"
         )
-    if cfg.n_candidates > tables.n_items:
+    if measured.n_candidates > tables.n_items:
         raise ConfigError(
-            f"frontier.n_candidates={cfg.n_candidates} exceeds the catalogue ({tables.n_items})"
+            f"rerank.n_candidates={measured.n_candidates} exceeds the catalogue ({tables.n_items})"
         )
     examples = load_examples(prepared_dir, "test", model.cfg.max_len)
     examples = select_users(examples, cfg.max_users, cfg.seed)
     # The reference is the model's own top k, whether or not "none" is among the methods.
     run_cfg = cfg if "none" in cfg.methods else _with_none(cfg)
-    metrics = sweep(model, examples, tables, run_cfg)
+    metrics = sweep(model, examples, tables, run_cfg, measured)
     reference = metrics[("none", None)]
     if "none" not in cfg.methods:
         metrics.pop(("none", None))
     frontier, summary = summarize(metrics, reference, cfg)
     return {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), **_kernel_fields(measured)},
         "n_users": len(examples["items"]),
         "n_items": tables.n_items,
         "protocol": cfg.protocol,
@@ -357,6 +368,11 @@ def compute_frontier(export_dir: str | Path, prepared_dir: str | Path, cfg: Fron
         "summary": summary,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _kernel_fields(measured: RerankConfig) -> dict:
+    keys = ("similarity", "identity_mix", "theta_max", "n_candidates")
+    return {key: getattr(measured, key) for key in keys}
 
 
 def _with_none(cfg: FrontierConfig) -> FrontierConfig:

@@ -1,4 +1,5 @@
-"""Task heads, their targets and losses, and the `Recommender` that ties them to the model.
+"""Task heads, their targets and losses (the `Recommender` in `rec.recommender` ties them
+to the network).
 
 Tasks are data (`ModelConfig.loss_weights`, 0 = off); losses are small pure functions. For a
 batch, a "position with a target" is (b, t) with `targets[b, t] > 0`; `h_t` is the hidden
@@ -35,15 +36,9 @@ total
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from rec.data.batch import Batch
-from rec.data.schema import ENGAGED_TOKENS
-from rec.model import DataDims, ModelConfig, SeqRecModel, resolve_relevance_mode
 
 TASKS = ("interest", "relevance", "diversity")
 
@@ -223,167 +218,3 @@ class MultiTaskLoss(nn.Module):
         # One device sync for all metrics instead of one `.item()` per entry.
         values = torch.stack(list(logged.values())).float().tolist()
         return total, dict(zip(logged, values, strict=True))
-
-
-def trim_padding(batch: Batch) -> Batch:
-    """Drop leading columns that are padding in every row (positions are padding-invariant)."""
-    used = (batch.items > 0).any(0) | (batch.targets > 0).any(0)  # (T,)
-    if not bool(used.any()):
-        return batch
-    start = int(used.nonzero()[0, 0])
-    if start == 0:
-        return batch
-    return Batch(**{name: value[:, start:] for name, value in batch.__dict__.items()})
-
-
-class Recommender(nn.Module):
-    """One model, several roles: `loss` for training, the rest for eval and serving.
-
-    Inference methods run under `torch.no_grad()` and read the last position of each
-    (left-padded) sequence; call `.eval()` first to switch dropout off.
-    """
-
-    def __init__(self, cfg: ModelConfig, dims: DataDims, item_categories: torch.Tensor) -> None:
-        super().__init__()
-        self.cfg, self.dims = cfg, dims
-        self.model = SeqRecModel(cfg, dims, item_categories)
-        d = self.model.hidden_size
-        self.relevance_head = RelevanceHead(d)
-        self.diversity_head = DiversityHead(d)
-        self.multitask = MultiTaskLoss(
-            dataclasses.asdict(cfg.loss_weights), cfg.uncertainty_weighting
-        )
-        self.relevance_mode = resolve_relevance_mode(cfg, dims)
-        # The repeat-consumption logit r (module docstring); starts neutral.
-        # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
-        self.repeat_logit = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
-        engaged = torch.zeros(dims.n_behaviors, dtype=torch.bool)  # (n_behaviors,)
-        engaged[[t for t in ENGAGED_TOKENS if t < dims.n_behaviors]] = True
-        # Derived from code or data at train time, so kept out of checkpoints and exports.
-        self.register_buffer("engaged", engaged, persistent=False)
-        self.register_buffer("log_q", torch.zeros(dims.n_items + 1), persistent=False)
-        self.set_proposal(torch.zeros(dims.n_items + 1))
-
-    def set_proposal(self, counts: torch.Tensor, power: float = 1.0) -> None:
-        """Sampled-softmax proposal q(i) proportional to (counts[i] + 1) ** power, i >= 1.
-
-        counts: (n_items + 1,) training-set frequency per item (zeros give uniform). The +1
-        keeps every item sampleable so log q is finite for every target.
-        """
-        if counts.shape != (self.dims.n_items + 1,):
-            raise ValueError(
-                f"counts must have shape ({self.dims.n_items + 1},), got {counts.shape}"
-            )
-        weights = (counts.double().clamp(min=0) + 1.0) ** power  # (N + 1,)
-        weights[0] = 0.0  # padding is never a negative
-        q = weights / weights.sum()  # (N + 1,)
-        self.log_q.copy_(q.log().float())
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The training role (what DeepSpeed's engine calls): `loss(batch)`."""
-        return self.loss(batch)
-
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats)."""
-        batch = trim_padding(batch)
-        mask = batch.targets > 0  # (B, T)
-        if not bool(mask.any()):
-            raise ValueError("batch has no targets (targets are all 0)")
-        weights = self.cfg.loss_weights
-        full = self.cfg.interest_loss == "full" and weights.interest > 0
-        table = self.model.item_embeddings() if full else None  # (N + 1, D), once per step
-        h = self.model(batch, table)[mask]  # (P, D)
-        targets = batch.targets[mask]  # (P,)
-        if table is not None:
-            target_vecs = F.embedding(targets, table)  # (P, D)
-        else:
-            target_vecs = self.model.item_vectors(targets)  # (P, D)
-        losses: dict[str, torch.Tensor] = {}
-        if weights.interest > 0:
-            history = causal_history(batch.items, mask) if self.repeat_logit is not None else None
-            losses["interest"] = self._interest_loss(h, target_vecs, targets, table, history)
-        if weights.relevance > 0:
-            behaviors = batch.target_behaviors[mask]  # (P,)
-            losses["relevance"] = self._relevance_loss(h, target_vecs, targets, behaviors)
-        if weights.diversity > 0:
-            labels = diversity_targets(
-                batch.items, batch.targets, self.model.item_categories, self.cfg.diversity_window
-            )[mask]  # (P,)
-            logits = self.diversity_head(h)  # (P,)
-            losses["diversity"] = F.binary_cross_entropy_with_logits(logits, labels)
-        return self.multitask(losses)
-
-    def _interest_loss(
-        self,
-        h: torch.Tensor,
-        target_vecs: torch.Tensor,
-        targets: torch.Tensor,
-        table: torch.Tensor | None,
-        history: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if table is not None:
-            return interest_full_loss(
-                h, table, targets, self.cfg.temperature, history, self.repeat_logit
-            )
-        neg_ids = torch.multinomial(self.log_q.exp(), self.cfg.n_negatives, replacement=True)
-        neg_vecs = self.model.item_vectors(neg_ids)  # (K, D)
-        return interest_sampled_loss(
-            h,
-            target_vecs,
-            targets,
-            neg_ids,
-            neg_vecs,
-            self.log_q,
-            self.cfg.temperature,
-            history,
-            self.repeat_logit,
-        )
-
-    def _relevance_loss(
-        self,
-        h: torch.Tensor,
-        target_vecs: torch.Tensor,
-        targets: torch.Tensor,
-        behaviors: torch.Tensor,
-    ) -> torch.Tensor:
-        pos_logits = self.relevance_head(h, target_vecs)  # (P,)
-        if self.relevance_mode == "graded":
-            labels = self.engaged[behaviors].float()  # (P,)
-            return F.binary_cross_entropy_with_logits(pos_logits, labels)
-        shape = (len(targets), self.cfg.relevance_negatives)
-        neg_ids = torch.randint(1, self.dims.n_items + 1, shape, device=h.device)  # (P, K)
-        neg_vecs = self.model.item_vectors(neg_ids)  # (P, K, D)
-        neg_logits = self.relevance_head(h.unsqueeze(1).expand_as(neg_vecs), neg_vecs)  # (P, K)
-        return relevance_sampled_loss(pos_logits, neg_logits, neg_ids != targets.unsqueeze(1))
-
-    @torch.no_grad()
-    def score_next(self, batch: Batch) -> torch.Tensor:
-        """Next-item scores `(B, n_items + 1)` at the last position; column 0 is -inf."""
-        table = self.model.item_embeddings()  # (N + 1, D)
-        h = self.model(trim_padding(batch), table)[:, -1]  # (B, D)
-        scores = (h / self.cfg.temperature) @ table.T  # (B, N + 1)
-        if self.repeat_logit is not None:  # items of the input get the learned repeat logit
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, batch.items, True)
-            scores = scores + self.repeat_logit * seen
-        scores[:, 0] = float("-inf")
-        return scores
-
-    @torch.no_grad()
-    def relevance(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
-        """P(strong engagement) `(B, N)` for candidate items `(B, N)` at the last position."""
-        h = self.model(trim_padding(batch))[:, -1]  # (B, D)
-        vecs = self.model.item_vectors(candidates)  # (B, N, D)
-        logits = self.relevance_head(h.unsqueeze(1).expand_as(vecs), vecs)  # (B, N)
-        return torch.sigmoid(logits)
-
-    @torch.no_grad()
-    def diversity(self, batch: Batch) -> torch.Tensor:
-        """P(the next item opens a new category) `(B,)` at the last position."""
-        h = self.model(trim_padding(batch))[:, -1]  # (B, D)
-        return torch.sigmoid(self.diversity_head(h))  # (B,)
-
-    @torch.no_grad()
-    def user_embedding(self, batch: Batch) -> torch.Tensor:
-        """The last hidden state `(B, D)`; dot it with `model.item_embeddings()` to score
-        (`score_next` also adds the repeat logit to the input's items)."""
-        return self.model(trim_padding(batch))[:, -1]  # (B, D)

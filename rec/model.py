@@ -1,7 +1,8 @@
 """The sequential recommender's network: a causal Llama backbone over item-event embeddings.
 
 `SeqRecModel` turns a left-padded `Batch` into hidden states `(B, T, D)`; task heads and
-losses live in `rec.heads`, serving export in `rec.export`. The backbone is built from a
+losses live in `rec.heads`, the `Recommender` that holds network, heads and losses in
+`rec.recommender`, the serving export in `rec.export`. The backbone is built from a
 `transformers.LlamaConfig` (no hub download) and fed `inputs_embeds`:
 
     x_t = item_t + mean(categories of item_t) + behavior_t + position_t (+ time gap_t)

@@ -29,7 +29,6 @@ import ray
 
 from rec.data import outputs, readers, sequences
 from rec.data.config import DataConfig
-from rec.data.synthetic import generate
 from rec.data.textio import DataError
 
 BUCKET_BYTES = 64 << 20  # raw input bytes per user bucket, roughly
@@ -42,8 +41,9 @@ def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
     out = Path(output_dir).resolve()
     outputs.reset_output(out)
     try:
-        if cfg.format == "synthetic":
-            cfg = _generate(cfg, out)
+        fmt = readers.get_format(cfg.format)
+        if fmt.generate is not None:
+            cfg = _generate(cfg, out, fmt.generate)
         plan = readers.plan(cfg)
         n_buckets = cfg.num_buckets or _auto_buckets(plan)
         _log(
@@ -67,9 +67,7 @@ def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
             raise cause from None
         raise
     rows_valid = clean_info.pop("rows_in")
-    return outputs.finish(
-        out, cfg, plan.timestamp_kind, rows_valid, clean_info, time.perf_counter() - t0
-    )
+    return outputs.finish(out, cfg, rows_valid, clean_info, time.perf_counter() - t0)
 
 
 def _ingest(plan: readers.Plan, cfg: DataConfig, out: Path, n_buckets: int) -> None:
@@ -214,19 +212,20 @@ def _over_buckets(buckets: list[int], fn, kwargs: dict) -> ray.data.Dataset:
     return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
-def _generate(cfg: DataConfig, out: Path) -> DataConfig:
-    """Generate the synthetic log (in a Ray task, so it runs on a worker) unless it is there."""
+def _generate(cfg: DataConfig, out: Path, generate) -> DataConfig:
+    """Generate the format's raw log (in a Ray task, so it runs on a worker) unless it is there
+    (a marker holds the generator settings it was made with)."""
     raw = Path(cfg.path) if cfg.path else out / "raw"
     marker = raw / "_synthetic.json"
     wanted = json.dumps(vars(cfg.synthetic), sort_keys=True)
     if not (marker.is_file() and marker.read_text() == wanted):
         _log(f"generating synthetic log into {raw}")
-        ray.get(ray.remote(_generate_task).remote(cfg.synthetic, str(raw)))
+        ray.get(ray.remote(_generate_task).remote(generate, cfg.synthetic, str(raw)))
         marker.write_text(wanted)
     return replace(cfg, path=str(raw))
 
 
-def _generate_task(synthetic, raw: str) -> None:
+def _generate_task(generate, synthetic, raw: str) -> None:
     import shutil
 
     shutil.rmtree(raw, ignore_errors=True)

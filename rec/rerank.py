@@ -7,6 +7,7 @@ selection order. `lam` in [0, 1] is the diversity weight: 0 = pure relevance ord
 
     picks = dpp(scores, k=10, lam=0.3, vectors=emb)          # (B, N), (B, N, D) -> (B, 10)
     picks = mmr(scores, k=10, lam=0.3, similarity=sim)       # (B, N), (B, N, N) -> (B, 10)
+    picks = rerank(scores, 10, 0.3, RerankConfig(), vectors=emb)  # the method `cfg` names
 
 Shared conventions:
 - Relevance is min-max normalised per request to r in [0, 1] (a constant row gives r = 0), so
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -39,16 +40,43 @@ CHUNK_BYTES = 4 << 20
 RowFn = Callable[[np.ndarray], np.ndarray]  # (B,) rank positions -> (B, N) similarity rows
 
 
+Method = Literal["none", "mmr", "dpp"]
+Similarity = Literal["embedding", "category"]
+# The one list of re-ranking method names (configs, the frontier's sweep, error messages).
+METHODS: tuple[Method, ...] = get_args(Method)
+SIMILARITIES: tuple[Similarity, ...] = get_args(Similarity)
+
+
 @dataclass
 class RerankConfig:
-    """How the serving path re-ranks retrieved candidates."""
+    """How retrieved candidates are re-ranked: the run config's `rerank:` section, shared by
+    serving (serve/), the frontier (rec/frontier.py) and the simulator (rl/env.py)."""
 
-    method: Literal["none", "mmr", "dpp"] = "dpp"  # "none" keeps the relevance order
-    similarity: Literal["embedding", "category"] = "embedding"  # cosine of vectors / Jaccard
+    method: Method = "dpp"  # "none" keeps the relevance order
+    similarity: Similarity = "embedding"  # cosine of the model's item vectors / category Jaccard
+    # Mix the similarity with the identity, S' = (1 - a) S + a I (still PSD, unit diagonal).
+    # Category Jaccard gives identical rows to items with the same category set, so DPP
+    # (log det = -inf) drops every such duplicate at any lam > 0: a jump, not a trade-off.
+    # a > 0 makes a duplicate costly instead of impossible (MMR only sees S scaled by 1 - a).
+    identity_mix: float = 0.0
     # DPP relevance scale: quality q = exp(theta * r) with theta = theta_max * (1 - lam) / lam,
     # i.e. theta = theta_max at lam = 0.5 and theta -> inf as lam -> 0 (see `dpp`).
     theta_max: float = 1.0
     n_candidates: int = 100  # candidates the retrieval stage hands to the re-ranker
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"rerank.method must be one of {METHODS}, got {self.method!r}")
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"rerank.similarity must be one of {SIMILARITIES}, got {self.similarity!r}"
+            )
+        if not 0.0 <= self.identity_mix < 1.0:
+            raise ValueError(f"rerank.identity_mix must be in [0, 1): {self.identity_mix!r}")
+        if not (np.isfinite(self.theta_max) and self.theta_max >= 0):
+            raise ValueError(f"rerank.theta_max must be finite and >= 0: {self.theta_max!r}")
+        if self.n_candidates < 1:
+            raise ValueError(f"rerank.n_candidates must be >= 1, got {self.n_candidates!r}")
 
 
 # ----------------------------------------------------------------------------- similarity
@@ -165,6 +193,34 @@ def relevance_order(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-s, axis=1, kind="stable")[:, : _check_k(k)]
 
 
+def similarity_inputs(
+    cfg: RerankConfig, *, vectors: np.ndarray | None = None, cat_ids: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The re-rankers' similarity argument under `cfg.similarity` and `cfg.identity_mix`.
+
+    "embedding" needs vectors (B, N, D), "category" cat_ids (B, N, C). Returns {"vectors":
+    (B, N, D)} (cosine computed inside the re-ranker) or {"similarity": (B, N, N) float64}.
+    Build it once and pass it to `rerank` as `**kernel` when many calls share the candidates.
+    """
+    if cfg.similarity == "embedding":
+        if vectors is None:
+            raise ValueError("rerank.similarity='embedding' needs vectors (B, N, D)")
+        if cfg.identity_mix == 0.0:
+            return {"vectors": vectors}
+        sim = cosine_similarity(vectors)  # (B, N, N)
+    elif cfg.similarity == "category":
+        if cat_ids is None:
+            raise ValueError("rerank.similarity='category' needs cat_ids (B, N, C)")
+        sim = category_jaccard_similarity(cat_ids)  # (B, N, N)
+    else:
+        raise ValueError(f"rerank.similarity must be one of {SIMILARITIES}: {cfg.similarity!r}")
+    if cfg.identity_mix > 0.0:
+        diag = np.arange(sim.shape[1])
+        sim *= 1.0 - cfg.identity_mix
+        sim[:, diag, diag] = 1.0
+    return {"similarity": sim}
+
+
 def rerank(
     scores: np.ndarray,
     k: int,
@@ -173,28 +229,24 @@ def rerank(
     *,
     vectors: np.ndarray | None = None,
     cat_ids: np.ndarray | None = None,
+    similarity: np.ndarray | None = None,
 ) -> np.ndarray:
     """Dispatch on `cfg`: (B, N) scores -> (B, min(k, N)) int64 candidate positions.
 
-    cfg.similarity "embedding" needs vectors (B, N, D); "category" needs cat_ids (B, N, C).
+    cfg.similarity "embedding" needs vectors (B, N, D); "category" needs cat_ids (B, N, C);
+    a ready similarity (B, N, N) (from `similarity_inputs(cfg, ...)`) is used as given.
     """
     if cfg.method == "none":
         return relevance_order(scores, k)
-    if cfg.similarity == "embedding":
-        if vectors is None:
-            raise ValueError("similarity='embedding' needs vectors (B, N, D)")
-        sim_kw = {"vectors": vectors}
-    elif cfg.similarity == "category":
-        if cat_ids is None:
-            raise ValueError("similarity='category' needs cat_ids (B, N, C)")
-        sim_kw = {"similarity": category_jaccard_similarity(cat_ids)}
+    if similarity is not None:
+        kernel = {"similarity": similarity}
     else:
-        raise ValueError(f"similarity must be 'embedding' or 'category', got {cfg.similarity!r}")
+        kernel = similarity_inputs(cfg, vectors=vectors, cat_ids=cat_ids)
     if cfg.method == "mmr":
-        return mmr(scores, k, lam, **sim_kw)
+        return mmr(scores, k, lam, **kernel)
     if cfg.method == "dpp":
-        return dpp(scores, k, lam, theta_max=cfg.theta_max, **sim_kw)
-    raise ValueError(f"method must be 'none', 'mmr' or 'dpp', got {cfg.method!r}")
+        return dpp(scores, k, lam, theta_max=cfg.theta_max, **kernel)
+    raise ValueError(f"rerank.method must be one of {METHODS}, got {cfg.method!r}")
 
 
 # ----------------------------------------------------------------------------- greedy cores

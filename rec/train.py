@@ -5,17 +5,18 @@ loop reads top to bottom -- shard -> forward -> backward -> step -> validate -> 
 report. Every rank saves its DeepSpeed shard into the checkpoint, rank 0 adds a consolidated
 serving export (safetensors + config), and a crashed worker group restarts from the latest
 checkpoint with its step count intact.
+
+The pieces the loop calls live beside it, none of them Ray-bound except the checkpoints:
+rec/deepspeed_setup.py (engine), rec/schedule.py (LR), rec/data/batch.py (length-bucketed
+batches), rec/evaluation.py (validation), rec/train_metrics.py (throughput),
+rec/ray_checkpoints.py (save, report, restore), rec/fault_injection.py (test hook).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import resource
-import signal
-import tempfile
-import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,21 +24,22 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from rec.data.batch import Batch
-from rec.evaluation import build_recommender, load_item_tables
-from rec.metrics import RankingEvaluator
+from rec.data.batch import Batch, length_batches
+from rec.data.splits import ItemTables, load_item_tables
+from rec.deepspeed_setup import deepspeed_engine, worker_env
+from rec.evaluation import evaluate
+from rec.fault_injection import maybe_inject_failure
 from rec.model import ModelConfig, count_parameters, model_summary
+from rec.ray_checkpoints import restore, save_and_report
 from rec.ray_dataset import BatchCollate, training_dataset
+from rec.recommender import build_recommender
 from rec.train_config import TrainConfig
+from rec.train_metrics import EpochMeter
 
 SCORE = "valid.ndcg@10"  # early stopping and best-checkpoint metric
-CKPT_TAG = "ds"  # DeepSpeed checkpoint tag (a subdirectory; "latest" is its pointer file)
-# Batches per epoch left out of `train_tokens_per_s_steady` (CUDA context, allocator and
-# kernel selection warm up on the first steps; a short GPU run would otherwise under-report).
-WARM_BATCHES = 10
 
 
 @dataclass
@@ -96,11 +98,10 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: its shard of every epoch, validation, checkpoint and report."""
     spec: TrainSpec = config["spec"]
     cfg = spec.train
-    _worker_env(spec)
-    import deepspeed  # after DS_ACCELERATOR is set: DeepSpeed picks its accelerator at import
-
+    worker_env(cfg, spec.extensions_dir)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
@@ -108,141 +109,86 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_recommender(spec.model, tables)
     if rank == 0:
         print(f"[train] {model_summary(model.model, model)} | workers={world}", flush=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, spec.steps_per_epoch))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=None if cfg.deepspeed.offload_optimizer else opt,
-        lr_scheduler=None if cfg.deepspeed.offload_optimizer else sched,
-        model_parameters=model.parameters() if cfg.deepspeed.offload_optimizer else None,
-        config=deepspeed_config(cfg),
-    )
-    state = _restore(engine, cfg)
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
-    collate = BatchCollate()
-    big = cfg.batch_size * cfg.length_buckets  # rows per chunk, cut into length buckets
-    if cfg.shard_in_memory:  # read once, before the clock of the first epoch starts
-        train_rows = _rows_in_memory(train_shard, big, collate)
-        valid_shard = [_rows_in_memory(valid_shard, big, collate)]
+    engine = deepspeed_engine(model, cfg, spec.steps_per_epoch)
+    state = restore(engine, cfg.resume_from)
+    train_shard, valid_shard = _shards(cfg)
     # The same seed on every rank: each step then takes the same length quantile of every
-    # rank's chunk, so ranks do similar work per step and wait less at the gradient sync
+    # rank's rows, so ranks do similar work per step and wait less at the gradient sync
     # (per-rank seeds paired short with long batches: ~1/3 of the CPU went to waiting).
     rng = np.random.default_rng(cfg.seed + 1000 * state["epoch"])
+    bucket = cfg.batch_size * cfg.length_buckets  # rows sorted by length together
 
     for epoch in range(state["epoch"], cfg.epochs):
         engine.train()
-        t0, tokens, seqs, losses = time.perf_counter(), 0, 0, []
-        warm = None  # (time, tokens) after WARM_BATCHES: throughput without the start-up cost
-        chunks = (
-            _shuffled_chunks(train_rows, big, rng)
-            if cfg.shard_in_memory
-            else train_shard.iter_torch_batches(
-                batch_size=big, collate_fn=collate, local_shuffle_buffer_size=4 * big
-            )
-        )
-        for chunk in chunks:
-            for batch in _length_batches(chunk, cfg.batch_size, rng):
-                batch = batch.to(engine.device)
-                loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
-                engine.backward(loss)
-                engine.step()
-                if engine.is_gradient_accumulation_boundary():
-                    state["step"] += 1
-                tokens += int((batch.items > 0).sum())
-                seqs += batch.size
-                losses.append(logs)
-                if len(losses) == WARM_BATCHES:
-                    warm = (time.perf_counter(), tokens)
-                _maybe_inject_failure(cfg, rank, state["step"], spec.storage_dir)
-                if cfg.max_steps and state["step"] >= cfg.max_steps:
-                    break
+        meter = EpochMeter(world)
+        rows = _epoch_rows(train_shard, bucket)  # in memory, or streamed in bucket-size chunks
+        for _, batch in length_batches(rows, cfg.batch_size, rng, bucket_rows=bucket):
+            batch = batch.to(engine.device)
+            loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
+            engine.backward(loss)
+            engine.step()
+            if engine.is_gradient_accumulation_boundary():
+                state["step"] += 1
+            meter.update(batch, logs)
+            maybe_inject_failure(cfg.inject_failure_at_step, rank, state["step"], spec.storage_dir)
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
-        t_end = time.perf_counter()
-        train_s = t_end - t0
-        metrics = {
-            "epoch": epoch + 1,
-            "step": state["step"],
-            "train_seconds": round(train_s, 2),
-            "train_seq_per_s": round(seqs * world / train_s, 1),
-            "train_tokens_per_s": round(tokens * world / train_s, 1),
-            **(
-                {
-                    "train_tokens_per_s_steady": round(
-                        (tokens - warm[1]) * world / (t_end - warm[0]), 1
-                    )
-                }
-                if warm and t_end > warm[0]
-                else {}
-            ),
-            "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            **{f"train.{k}": float(np.mean([x[k] for x in losses])) for k in losses[0]},
-        }
-        if torch.cuda.is_available():
-            metrics["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        metrics = {"epoch": epoch + 1, "step": state["step"], **meter.summary()}
         done = bool(cfg.max_steps and state["step"] >= cfg.max_steps) or epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or done:
-            metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size, collate)
+            metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size)
             if metrics[SCORE] > state["best"]:
                 state["best"], state["bad_evals"] = metrics[SCORE], 0
             else:
                 state["bad_evals"] += 1
             metrics["best." + SCORE] = state["best"]
         state["epoch"] = epoch + 1
-        stop = done or (
-            cfg.early_stop_patience is not None and state["bad_evals"] > cfg.early_stop_patience
-        )
-        _checkpoint_and_report(engine, state, metrics, rank, spec)
+        patience = cfg.early_stop_patience
+        stop = done or (patience is not None and state["bad_evals"] > patience)
+        save_and_report(engine, state, metrics, rank, cfg.deepspeed.zero_stage)
         if rank == 0:
-            print(
-                f"[train] {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()})}",
-                flush=True,
-            )
+            print(f"[train] {json.dumps(_rounded(metrics))}", flush=True)
         if stop:
             break
 
 
-def _rows_in_memory(shard, chunk_rows: int, collate) -> Batch:
+def _shards(cfg: TrainConfig) -> tuple:
+    """This rank's train and valid shards: Ray Data shards, or with `train.shard_in_memory`
+    all their rows as one Batch each (read once, before the clock of the first epoch starts)."""
+    train = ray.train.get_dataset_shard("train")
+    valid = ray.train.get_dataset_shard("valid")
+    if not cfg.shard_in_memory:
+        return train, valid
+    chunk_rows = cfg.batch_size * cfg.length_buckets
+    return _rows_in_memory(train, chunk_rows), _rows_in_memory(valid, chunk_rows)
+
+
+def _rows_in_memory(shard, chunk_rows: int) -> Batch:
     """All of this rank's rows of a dataset shard as one Batch of tensors."""
-    chunks = list(shard.iter_torch_batches(batch_size=chunk_rows, collate_fn=collate))
+    chunks = list(shard.iter_torch_batches(batch_size=chunk_rows, collate_fn=BatchCollate()))
     if not chunks:
         raise ValueError("a training worker got no rows: fewer rows than train.num_workers")
-    return Batch(**{k: torch.cat([getattr(c, k) for c in chunks]) for k in chunks[0].__dict__})
+    return Batch.cat(chunks)
 
 
-def _shuffled_chunks(rows: Batch, chunk_rows: int, rng: np.random.Generator):
-    """The rows in a new random order, in chunks (what the streaming path's shuffle gives)."""
-    order = torch.as_tensor(rng.permutation(rows.size))
-    for i in range(0, rows.size, chunk_rows):
-        idx = order[i : i + chunk_rows]
-        yield Batch(**{k: v[idx] for k, v in rows.__dict__.items()})
-
-
-@torch.no_grad()
-def validate(model, shard, tables, batch_size: int, collate) -> dict[str, float]:
-    """Full-ranking metrics on this rank's validation shard, merged over all ranks.
-
-    shard: a Ray Data shard, or a list holding this rank's rows as one Batch."""
-    ev = RankingEvaluator(torch.as_tensor(tables.categories), torch.as_tensor(tables.train_counts))
-    model.eval()
-    chunks = (
-        shard
-        if isinstance(shard, list)
-        else shard.iter_torch_batches(batch_size=8 * batch_size, collate_fn=collate)
+def _epoch_rows(shard, chunk_rows: int, shuffle: bool = True) -> Batch | Iterable[Batch]:
+    """One pass over a shard for `length_batches`: the rows in memory as they are (it
+    shuffles them itself), or a fresh stream of `chunk_rows`-row chunks (Ray Data shuffles
+    those locally)."""
+    if isinstance(shard, Batch):
+        return shard
+    return shard.iter_torch_batches(
+        batch_size=chunk_rows,
+        collate_fn=BatchCollate(),
+        local_shuffle_buffer_size=4 * chunk_rows if shuffle else None,
     )
-    for chunk in chunks:
-        for batch in _length_batches(chunk, batch_size, None):
-            batch = batch.to(next(model.parameters()).device)
-            ev.update(model.score_next(batch).float(), batch.targets[:, -1], batch.items)
-    model.train()
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        parts = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, ev)
-        ev = parts[0]
-        for other in parts[1:]:
-            ev.merge(other)
-    return ev.compute("valid")
+
+
+def validate(model, shard, tables: ItemTables, batch_size: int) -> dict[str, float]:
+    """Full-ranking metrics on this rank's validation shard (sorted by length), merged over
+    all ranks."""
+    rows = _epoch_rows(shard, 8 * batch_size, shuffle=False)
+    return evaluate(model, length_batches(rows, batch_size), tables, "valid", merge_ranks=True)
 
 
 def count_steps_per_epoch(prepared_dir: str | Path, cfg: TrainConfig) -> int:
@@ -260,136 +206,7 @@ def count_steps_per_epoch(prepared_dir: str | Path, cfg: TrainConfig) -> int:
     return max(1, math.ceil(per_worker / cfg.batch_size) // cfg.grad_accum)
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    """Step -> LR multiplier: linear warm-up, then constant or cosine to 0 at the last step."""
-    warmup = max(1, cfg.warmup_steps)
-    total = max(warmup + 1, cfg.max_steps or cfg.epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / warmup)
-        if cfg.lr_schedule == "constant":
-            return ramp
-        progress = min(1.0, max(0, step - warmup) / (total - warmup))
-        return ramp * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict:
-    ds = cfg.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
-    out = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": ds.gradient_clipping,
-        "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds.offload_optimizer:  # DeepSpeed builds DeepSpeedCPUAdam for an offloaded AdamW
-        out["optimizer"] = {
-            "type": "AdamW",
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        }
-        out["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0,
-                "warmup_max_lr": cfg.lr,
-                "warmup_num_steps": max(1, cfg.warmup_steps),
-            },
-        }
-    return out
-
-
-def _length_batches(chunk, batch_size: int, rng: np.random.Generator | None):
-    """Split a big (shuffled) chunk into batches of similar length: less padding per batch.
-    With an rng the batches come in random order, else shortest first."""
-    lengths = (chunk.items > 0).sum(1).numpy()
-    order = np.argsort(lengths, kind="stable")
-    parts = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for j in rng.permutation(len(parts)) if rng is not None else range(len(parts)):
-        idx = torch.as_tensor(parts[j])
-        yield type(chunk)(**{k: v[idx] for k, v in chunk.__dict__.items()})
-
-
-def _restore(engine, cfg: TrainConfig) -> dict:
-    """Latest checkpoint of this run (after a failure), else `train.resume_from`, else fresh."""
-    state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_evals": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg.resume_from:
-        ckpt = Checkpoint(cfg.resume_from)
-    if ckpt is None:
-        return state
-    with ckpt.as_directory() as d:
-        engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
-        state |= json.loads((Path(d) / "state.json").read_text())
-    print(f"[train] resumed at epoch {state['epoch']} step {state['step']}", flush=True)
-    return state
-
-
-def _checkpoint_and_report(engine, state, metrics, rank: int, spec: TrainSpec) -> None:
-    """Every rank saves its DeepSpeed shard; rank 0 adds the serving export and state."""
-    from rec.export import save_export
-
-    with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=CKPT_TAG)
-        weights = _consolidated_state_dict(engine, spec.train.deepspeed.zero_stage, rank == 0)
-        if rank == 0:
-            (Path(tmp) / "state.json").write_text(json.dumps(state))
-            save_export(
-                engine.module, Path(tmp) / "export", extra={"metrics": metrics}, state_dict=weights
-            )
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
-
-def _consolidated_state_dict(engine, zero_stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights of the module on the rank that keeps them (None elsewhere).
-
-    ZeRO-3 gathers its parameter shards, which every rank must join; below stage 3 each rank
-    already holds the full weights and only the keeping rank copies them.
-    """
-    module = engine.module
-    if zero_stage < 3:
-        return (
-            {k: v.detach().float().cpu() for k, v in module.state_dict().items()} if keep else None
-        )
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        if not keep:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _maybe_inject_failure(cfg: TrainConfig, rank: int, step: int, storage: str) -> None:
-    """Test hook: on the first attempt only, rank 1 dies hard at the configured step."""
-    if cfg.inject_failure_at_step is None or rank != 1 or step != cfg.inject_failure_at_step:
-        return
-    marker = Path(storage) / "injected_failure"
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
-    # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
-    # worker dying sooner after a report can take that report's checkpoint with it, and the
-    # run then restarts one checkpoint earlier. Waiting makes the hook test resume, not luck.
-    time.sleep(5.0)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _worker_env(spec: TrainSpec) -> None:
-    if not spec.train.use_gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", spec.extensions_dir)
-    threads = spec.train.threads_per_worker or max(1, round(spec.train.cpus_per_worker + 0.49))
-    torch.set_num_threads(threads)
-
-
-def describe(spec: TrainSpec, tables) -> dict:
+def describe(spec: TrainSpec, tables: ItemTables) -> dict:
     """Sizes for the job log and metrics.json (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = build_recommender(spec.model, tables)
@@ -398,3 +215,7 @@ def describe(spec: TrainSpec, tables) -> dict:
         "model": asdict(spec.model),
         "train": asdict(spec.train),
     }
+
+
+def _rounded(metrics: dict) -> dict:
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}

@@ -44,7 +44,7 @@ class TrainConfig:
     # Linear warm-up steps, then constant or cosine decay to 0 over `epochs` (AdamW).
     warmup_steps: int = 100
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    # Group rows of similar length into a batch (rec.evaluation.iter_batches): fewer padded
+    # Group rows of similar length into a batch (rec.data.batch.length_batches): fewer padded
     # tokens for the same examples; 1 turns it off.
     length_buckets: int = 8
     # Read and pad the splits once, before training, into Ray's object store: epochs then
@@ -83,32 +83,3 @@ class TrainConfig:
             raise ValueError(f"train.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr!r}")
-
-
-@dataclass
-class SweepConfig:
-    """A Ray Tune ASHA sweep over the training (jobs/tune.py)."""
-
-    # Trials sampled from the space below, and how many run at once (each trial's Train
-    # workers plus its Ray Data readers must fit: 1 on a 2-CPU machine, more on a cluster).
-    num_samples: int = 8
-    max_concurrent: int = 1
-    # ASHA: every trial gets at least this many epochs; survivors are promoted by this factor.
-    grace_epochs: int = 1
-    reduction_factor: int = 2
-    # Search space: log-uniform lr range, uniform dropout range, choices of width and of the
-    # relevance / diversity loss weights (interest stays 1).
-    lr: list[float] = field(default_factory=lambda: [3e-4, 3e-3])
-    dropout: list[float] = field(default_factory=lambda: [0.0, 0.5])
-    hidden_size: list[int] = field(default_factory=lambda: [32, 64, 128])
-    relevance_weight: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.5])
-    diversity_weight: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.max_concurrent < 1:
-            raise ValueError("tune.num_samples and tune.max_concurrent must be >= 1")
-        if len(self.lr) != 2 or not 0 < self.lr[0] <= self.lr[1]:
-            raise ValueError(f"tune.lr must be [low, high] with 0 < low <= high, got {self.lr!r}")
-        if len(self.dropout) != 2 or not 0 <= self.dropout[0] <= self.dropout[1] < 1:
-            raise ValueError(f"tune.dropout must be [low, high] in [0, 1), got {self.dropout!r}")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from rec.rerank import RerankConfig
 from rl.config import EnvConfig
 from rl.env import DiversityEnv
 from rl.simdata import SimulatorData
@@ -72,9 +73,13 @@ def play(
     arm: Arm,
     episodes: int,
     seed: int,
+    rerank_cfg: RerankConfig | None = None,
 ) -> ArmResult:
-    """Run `episodes` sessions of held-out `users` with the arm choosing every slate's lam."""
-    env = DiversityEnv(data, replace(cfg, action_mode="continuous"), users=users)
+    """Run `episodes` sessions of held-out `users` with the arm choosing every slate's lam
+    (slates re-ranked under rerank_cfg, the run's `rerank:` section)."""
+    env = DiversityEnv(
+        data, replace(cfg, action_mode="continuous"), users=users, rerank_cfg=rerank_cfg
+    )
     rng = np.random.default_rng(seed + 7919)  # the arm's own randomness (random lam)
     out = np.zeros((6, episodes))
     for e in range(episodes):

@@ -51,6 +51,7 @@ import numpy as np
 import polars as pl
 
 from rec.data.outputs import item_category_table
+from rec.rerank import RerankConfig
 from rl.config import EnvConfig
 from rl.env import DiversityEnv
 from rl.simdata import SimulatorData, recent_items
@@ -250,6 +251,7 @@ def fit_leave_base(
     episodes: int = 300,
     iterations: int = 10,
     seed: int = 0,
+    rerank_cfg: RerankConfig | None = None,
 ) -> float:
     """Bisection on leaving.base in [0, 0.9] until mean clicks per simulated session at a
     fixed lam match target_clicks (the same episode seeds for every base, so the estimate is
@@ -259,7 +261,7 @@ def fit_leave_base(
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         trial = replace(cfg, leaving=replace(cfg.leaving, base=mid, cap=max(cfg.leaving.cap, mid)))
-        if mean_clicks(data, trial, lam, episodes, seed) > target_clicks:
+        if mean_clicks(data, trial, lam, episodes, seed, rerank_cfg) > target_clicks:
             lo = mid  # sessions too long: leave more often
         else:
             hi = mid
@@ -272,9 +274,16 @@ def fit_leave_base(
     return 0.5 * (lo + hi)
 
 
-def mean_clicks(data: SimulatorData, cfg: EnvConfig, lam: float, episodes: int, seed: int) -> float:
+def mean_clicks(
+    data: SimulatorData,
+    cfg: EnvConfig,
+    lam: float,
+    episodes: int,
+    seed: int,
+    rerank_cfg: RerankConfig | None = None,
+) -> float:
     """Mean clicks per episode with a fixed lam (continuous actions, seeds seed..seed+episodes)."""
-    env = DiversityEnv(data, replace(cfg, action_mode="continuous"))
+    env = DiversityEnv(data, replace(cfg, action_mode="continuous"), rerank_cfg=rerank_cfg)
     action = np.array([lam], dtype=np.float32)
     total = 0
     for e in range(episodes):
@@ -288,9 +297,13 @@ def mean_clicks(data: SimulatorData, cfg: EnvConfig, lam: float, episodes: int, 
 
 
 def apply_calibration(
-    cfg: EnvConfig, cal: Calibration, data: SimulatorData | None = None
+    cfg: EnvConfig,
+    cal: Calibration,
+    data: SimulatorData | None = None,
+    rerank_cfg: RerankConfig | None = None,
 ) -> tuple[EnvConfig, dict[str, float]]:
-    """-> (a copy of cfg with the calibrated fields set, {field: new value})."""
+    """-> (a copy of cfg with the calibrated fields set, {field: new value}); rerank_cfg is how
+    the env picks slates while fitting (the run's `rerank:` section)."""
     changed: dict[str, float] = {}
     types, leaving = cfg.types, cfg.leaving
     gap = fit_sensitivity_gap(cal, cfg)
@@ -299,7 +312,7 @@ def apply_calibration(
         changed["types.sensitivity_explorer"] = types.sensitivity_explorer
     cfg = replace(cfg, types=types)
     if data is not None:
-        base = fit_leave_base(data, cfg, cal.session_mean)
+        base = fit_leave_base(data, cfg, cal.session_mean, rerank_cfg=rerank_cfg)
     else:
         cont = 0.5 * (cfg.types.continue_focused + cfg.types.continue_explorer)
         clicks_per_slate = 1.0 / (1.0 - min(cont, 0.9))

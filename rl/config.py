@@ -12,7 +12,6 @@ from typing import Literal
 
 ActionMode = Literal["discrete", "continuous"]
 OnExhausted = Literal["recycle", "end"]
-Similarity = Literal["category", "embedding"]
 
 # Discrete actions index this grid: lam in {0, 0.1, ..., 1}.
 N_LAM_LEVELS = 11
@@ -93,7 +92,9 @@ class EnvConfig:
     """One `DiversityEnv`: slate sizes, session limits, reward, action space, user model."""
 
     k: int = 10  # slate size
-    n_candidates: int = 100  # ranker candidates per user (the first N of SimulatorData's)
+    # Ranker candidates per user (the first N of SimulatorData's). Not `rerank.n_candidates`:
+    # it defines the policy's observation (score margins over N) and is saved with the policy.
+    n_candidates: int = 100
     max_steps: int = 20  # slates per session before truncation
     purchase_weight: float = 3.0  # reward = clicks + purchase_weight * purchases
     # "discrete": Discrete(11), lam = action / 10; "continuous": Box([0], [1]), lam = action.
@@ -103,12 +104,10 @@ class EnvConfig:
     # even that leaves < k); "end" truncates the episode.
     on_exhausted: OnExhausted = "recycle"
     entropy_window: int = 3  # slates whose shown categories make the entropy observation
-    # What the DPP counts as similar: "embedding" (cosine of the ranker's item vectors, Serve's
-    # default) or "category" (Jaccard of category sets, what the simulated user satiates on).
-    # Serve the policy with the same `serve.similarity`: lam means another list under the other.
-    # On Beauty, lam 0 -> 1 moves slate ILD 0.82 -> 0.88 (embedding), 0.82 -> 0.91 (category);
-    # returns stay flat over lam under both.
-    similarity: Similarity = "embedding"
+    # How a slate is re-ranked (method, similarity, theta_max) is the run's `rerank:` section,
+    # shared with serving, so the policy learns lam for the lists that will be served. On Beauty,
+    # lam 0 -> 1 moves slate ILD 0.82 -> 0.88 (rerank.similarity=embedding, the default),
+    # 0.82 -> 0.91 (category); returns stay flat over lam under both.
     seed: int | None = None  # seed of the first reset when the caller passes none
     satiation: SatiationConfig = field(default_factory=SatiationConfig)
     choice: ChoiceConfig = field(default_factory=ChoiceConfig)
@@ -123,8 +122,6 @@ class EnvConfig:
             raise ValueError(f"env.n_candidates ({self.n_candidates!r}) must be >= k ({self.k!r})")
         if self.action_mode not in ("discrete", "continuous"):
             raise ValueError(f"env.action_mode must be discrete|continuous: {self.action_mode!r}")
-        if self.similarity not in ("category", "embedding"):
-            raise ValueError(f"env.similarity must be category|embedding: {self.similarity!r}")
         if self.on_exhausted not in ("recycle", "end"):
             raise ValueError(f"env.on_exhausted must be recycle|end, got {self.on_exhausted!r}")
         if self.purchase_weight < 0:

@@ -6,9 +6,10 @@ with `reset(options={"user": u})`). Each step:
 
 1. action -> lam (discrete: Discrete(11), lam = action / 10; continuous: Box([0], [1]));
 2. the ranker's candidates not yet shown this session are re-ranked with
-   `rec.rerank.dpp(scores, k, lam, ...)` (lam = 0 is the ranker's top-k), its similarity the
-   cosine of the ranker's item vectors or, with `EnvConfig.similarity="category"`, the
-   Jaccard overlap of the items' category sets;
+   `rec.rerank.rerank(scores, k, lam, rerank_cfg, ...)`, the run's `rerank:` section that
+   serving uses too (default: DPP, lam = 0 is the ranker's top-k), its similarity the cosine
+   of the ranker's item vectors or, with `rerank.similarity=category`, the Jaccard overlap of
+   the items' category sets;
 3. the simulated user (`rl/users.py`) responds: clicks, purchases, satiation, leave;
 4. reward = clicks + purchase_weight * purchases.
 
@@ -51,7 +52,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from rec.rerank import category_jaccard_similarity, dpp
+from rec.rerank import RerankConfig, rerank, similarity_inputs
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.simdata import SimulatorData
 from rl.users import SimulatedUser, category_weights, history_exploration
@@ -78,10 +79,16 @@ class DiversityEnv(gym.Env):
     metadata = {"render_modes": []}
 
     def __init__(
-        self, data: SimulatorData, cfg: EnvConfig | None = None, users: np.ndarray | None = None
+        self,
+        data: SimulatorData,
+        cfg: EnvConfig | None = None,
+        users: np.ndarray | None = None,
+        rerank_cfg: RerankConfig | None = None,
     ) -> None:
-        """data: the world; cfg: env section; users: (P,) the held-out user pool (default all)."""
+        """data: the world; cfg: env section; users: (P,) the held-out user pool (default all);
+        rerank_cfg: the run's `rerank:` section, how a slate is picked at the action's lam."""
         self.cfg = cfg = cfg or EnvConfig()
+        self.rerank_cfg = rerank_cfg or RerankConfig()
         if data.candidates.shape[1] < cfg.n_candidates:
             raise ValueError(
                 f"env.n_candidates={cfg.n_candidates!r} but SimulatorData has only "
@@ -131,7 +138,8 @@ class DiversityEnv(gym.Env):
         return self._observation(), {"user": u, "explorer": bool(self.data.types.explorer[u])}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
-        """Show one DPP slate at the action's lam -> (obs, reward, terminated, truncated, info)."""
+        """Show one re-ranked slate at the action's lam -> (obs, reward, terminated, truncated,
+        info)."""
         lam = self._lam(action)
         avail = np.flatnonzero(self._free)  # (A,) candidate positions, still in score order
         kernel = (
@@ -139,7 +147,7 @@ class DiversityEnv(gym.Env):
             if self._sim is not None
             else {"vectors": self._vecs[:, avail]}
         )
-        picks = dpp(self._user_scores[None, avail], self.cfg.k, lam, **kernel)
+        picks = rerank(self._user_scores[None, avail], self.cfg.k, lam, self.rerank_cfg, **kernel)
         slate = avail[picks[0]]  # (k,) candidate positions in slate order
         cats, weights = self._cats[slate], self._cat_w[slate]  # (k, C), (k, C)
         resp = self.user.respond(self._user_aff[slate], cats, weights, self.np_random)
@@ -181,11 +189,9 @@ class DiversityEnv(gym.Env):
         self._user_scores = self._scores[u]  # (N,) float64
         self._vecs = d.item_vectors[self._item_ids][None]  # (1, N, D)
         self._cats = d.item_categories[self._item_ids]  # (N, C)
-        self._sim = (  # (N, N) category Jaccard, once per session (None: cosine of _vecs)
-            category_jaccard_similarity(self._cats[None])[0]
-            if self.cfg.similarity == "category"
-            else None
-        )
+        # (N, N) similarity, once per session (None: the re-ranker's cosine of _vecs).
+        kernel = similarity_inputs(self.rerank_cfg, vectors=self._vecs, cat_ids=self._cats[None])
+        self._sim = kernel["similarity"][0] if "similarity" in kernel else None
         self._cat_w = self._weights[self._item_ids]  # (N, C)
         self._user_aff = self._aff[u]  # (N,)
         self.user.start(d.types, u)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rec.config import from_dict
+from rec.config_loader import from_dict
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.env import OBS_FIELDS
 

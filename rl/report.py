@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rec.rerank import RerankConfig
 from rl.arms import Arm, ArmResult, fixed, paired_gain, play, random_lam
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.simdata import SimulatorData
@@ -20,12 +21,14 @@ def evaluate_arms(
     policy: Arm,
     episodes: int,
     seed: int,
+    rerank_cfg: RerankConfig | None = None,
 ) -> dict:
     """Every arm plays the same `episodes` sessions of held-out `users` -> the report dict."""
     grid = [i / (N_LAM_LEVELS - 1) for i in range(N_LAM_LEVELS)]
-    fixed_results = {lam: play(data, cfg, users, fixed(lam), episodes, seed) for lam in grid}
-    rand = play(data, cfg, users, random_lam, episodes, seed)
-    pol = play(data, cfg, users, policy, episodes, seed)
+    args = (data, cfg, users)
+    fixed_results = {lam: play(*args, fixed(lam), episodes, seed, rerank_cfg) for lam in grid}
+    rand = play(*args, random_lam, episodes, seed, rerank_cfg)
+    pol = play(*args, policy, episodes, seed, rerank_cfg)
     best_lam = max(grid, key=lambda lam: fixed_results[lam].returns.mean())
     best = fixed_results[best_lam]
     gain = paired_gain(pol, best)

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rec.evaluation import eval_batches, load_examples, load_item_tables
+from rec.data.batch import SCORE_BATCH_SIZE, Batch, collate, length_batches
+from rec.data.splits import load_examples, load_item_tables
 from rec.export import load_export
 from rl.calibrate import Calibration, calibrate, load_prepared
 from rl.config import TypeConfig
@@ -58,7 +59,7 @@ class WorldConfig:
     # Recent history items kept per user for the observation and the user's type.
     history_len: int = 50
     # Scoring batch size (users per forward pass).
-    batch_size: int = 256
+    batch_size: int = SCORE_BATCH_SIZE
     # Ground-truth matrix factorisation (fitted on full sequences).
     als: ALSConfig = field(default_factory=ALSConfig)
     # Seed of the user sample.
@@ -98,8 +99,8 @@ def build_world(model_dir: str | Path, cfg: WorldConfig) -> World:
     users = np.arange(n_all)
     if cfg.n_users is not None and cfg.n_users < n_all:
         users = np.sort(rng.choice(n_all, cfg.n_users, replace=False))
-    sub = {k: v[users] for k, v in examples.items()}
-    cands, scores, head = _score(model, sub, cfg.n_candidates, cfg.batch_size)
+    rows = collate(examples).take(users)  # Batch (U, max_len)
+    cands, scores, head = _score(model, rows, cfg.n_candidates, cfg.batch_size)
     truth = fit_als(log.items, tables.n_items, cfg.als)
     vectors = model.model.item_embeddings().detach().float().numpy()  # (n_items + 1, D)
     arrays = {
@@ -117,20 +118,14 @@ def build_world(model_dir: str | Path, cfg: WorldConfig) -> World:
 
 @torch.no_grad()
 def _score(
-    model, examples: dict[str, np.ndarray], n: int, batch_size: int
+    model, rows: Batch, n: int, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (U, n) candidates (history excluded), (U, n) scores, (U,) diversity head, in the
-    row order of `examples` (eval_batches sorts by length, so rows are mapped back)."""
-    rows = len(examples["items"])
-    lengths = (examples["items"] > 0).sum(1)
-    order = np.argsort(lengths, kind="stable")  # the order eval_batches yields rows in
-    cands = np.zeros((rows, n), np.int64)
-    scores = np.zeros((rows, n), np.float32)
-    head = np.zeros(rows, np.float32)
-    start = 0
-    for batch in eval_batches(examples, batch_size):
-        idx = order[start : start + batch.size]
-        start += batch.size
+    row order of `rows` (batches come sorted by length; their row indices map them back)."""
+    cands = np.zeros((rows.size, n), np.int64)
+    scores = np.zeros((rows.size, n), np.float32)
+    head = np.zeros(rows.size, np.float32)
+    for idx, batch in length_batches(rows, batch_size):
         s = model.score_next(batch)  # (B, n_items + 1), column 0 = -inf
         s.scatter_(1, batch.items, float("-inf"))  # exclude the history (and padding 0)
         top = torch.topk(s, n, dim=1)
@@ -171,15 +166,19 @@ _WORLDS: dict[tuple[str, int], SimulatorData] = {}
 
 def make_env(spec: dict):
     """An env from a plain-dict spec (what RLlib passes its env runners as env_config):
-    {"world": .npz path, "env": EnvConfig as a dict, "users": [user rows], "seed": int}.
+    {"world": .npz path, "env": EnvConfig as a dict, "rerank": RerankConfig as a dict,
+    "users": [user rows], "seed": int}.
     A runner process loads each world once."""
-    from rec.config import from_dict
+    from rec.config_loader import from_dict
+    from rec.rerank import RerankConfig
     from rl.config import EnvConfig
     from rl.env import DiversityEnv
 
     cfg = from_dict(EnvConfig, dict(spec["env"]))
+    rerank_cfg = from_dict(RerankConfig, dict(spec.get("rerank", {})))
     key = (str(spec["world"]), int(spec.get("seed", 0)))
     if key not in _WORLDS:
         _WORLDS[key] = load_world(key[0], cfg.types, seed=key[1])
     users = spec.get("users")
-    return DiversityEnv(_WORLDS[key], cfg, users=None if users is None else np.asarray(users))
+    users = None if users is None else np.asarray(users)
+    return DiversityEnv(_WORLDS[key], cfg, users=users, rerank_cfg=rerank_cfg)

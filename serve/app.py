@@ -1,19 +1,20 @@
 """The Ray Serve application: ingress (FastAPI) -> retriever -> ranker -> policy -> re-rank.
 
-    app = build_app(serve_cfg, model_dir="outputs/beauty", policy_dir=None)
+    app = build_app(serve_cfg, rerank_cfg, model_dir="outputs/beauty", policy_dir=None)
     serve.run(app, name="recommender")     # or: python -m jobs.serve / serve run serve/config.yaml
 
-Deployments are thin wrappers over serve/engine.py objects, composed with `.bind()`:
+Deployments are thin wrappers composed with `.bind()`: the ingress, and one `StageDeployment`
+per stage registered in serve/stages.py (which says how to add a stage):
 
     Ingress    FastAPI routes, validation, user histories, cold start, lam choice, re-ranking
     Retriever  the transformer encodes the history; top-N by h . e over every item (one matmul)
     Ranker     the multi-task heads score the N candidates (relevance, diversity)
     Policy     the RLlib module picks lam from the user's state (only with a policy_dir)
 
-Retriever, Ranker and Policy batch concurrent requests with `@serve.batch`. With
-`serve.fused: true` the ingress runs the same engine objects in its own process instead: one
-deployment, no handle hops (each costs ~10 ms on a busy 2-core machine, see bench/README.md),
-but the stages can no longer scale or batch separately.
+Each stage deployment batches concurrent requests with `@serve.batch` (serve.batch_max_size,
+serve.batch_wait_s). With `serve.fused: true` the ingress runs the same stage functions in its
+own process instead: one deployment, no handle hops (each costs ~10 ms on a busy 2-core
+machine, see bench/README.md), but the stages can no longer scale or batch separately.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures of the
@@ -28,16 +29,17 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from rec.config import from_dict
-from rec.export import load_export
-from serve.catalog import Catalog, UserHistories
+from rec.config_loader import from_dict
+from rec.rerank import RerankConfig
+from serve.catalog import UserHistories
 from serve.config import DeploymentSpec, ServeConfig
-from serve.engine import HeadScorer, QueryTower, Ranked, Retrieved
+from serve.frontend import Frontend, LocalStages, RequestError
 from serve.http import BodyLimit
-from serve.pipeline import Frontend, LocalStages, RequestError
 from serve.schemas import Health, ItemResponse, RecommendRequest, RecommendResponse
+from serve.stages import STAGES, StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 api = FastAPI(
     title="raydiv recommender",
@@ -47,80 +49,40 @@ api = FastAPI(
 api.add_middleware(BodyLimit)
 
 
-def _batched(method, cfg: ServeConfig) -> None:
-    """Apply the config's batch size and wait to a `@serve.batch` method."""
-    method.set_max_batch_size(cfg.batch_max_size)
-    method.set_batch_wait_timeout_s(cfg.batch_wait_s)
-
-
 @serve.deployment
-class Retriever:
-    def __init__(self, model_dir: str, cfg: ServeConfig) -> None:
+class StageDeployment:
+    """One registered stage (serve.stages.Stage) as a deployment; `.options(name=...)` names it."""
+
+    def __init__(
+        self,
+        stage: str,
+        model_dir: str,
+        cfg: ServeConfig,
+        rerank: RerankConfig,
+        policy_dir: str | None = None,
+    ) -> None:
         torch.set_num_threads(cfg.torch_threads)
-        export = Path(model_dir) / "export"
-        self.tower = QueryTower(load_export(export), Catalog.load(export).behavior)
-        self.n = cfg.n_candidates
-        _batched(self.retrieve, cfg)
+        self.fn = STAGE_BY_NAME[stage].build(StageContext(model_dir, cfg, rerank, policy_dir))
+        self.run.set_max_batch_size(cfg.batch_max_size)
+        self.run.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def retrieve(
-        self, histories: list[np.ndarray], excludes: list[np.ndarray | None]
-    ) -> list[Retrieved]:
-        return self.tower.retrieve(histories, excludes, self.n)
-
-
-@serve.deployment
-class Ranker:
-    def __init__(self, model_dir: str, cfg: ServeConfig) -> None:
-        torch.set_num_threads(cfg.torch_threads)
-        self.scorer = HeadScorer(load_export(Path(model_dir) / "export"), cfg.relevance_weight)
-        _batched(self.rank, cfg)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def rank(self, requests: list[Retrieved]) -> list[Ranked]:
-        return self.scorer.score(requests)
-
-
-@serve.deployment
-class Policy:
-    def __init__(self, model_dir: str, policy_dir: str, cfg: ServeConfig) -> None:
-        from serve.policy import PolicyScorer
-
-        torch.set_num_threads(cfg.torch_threads)
-        catalog = Catalog.load(Path(model_dir) / "export")
-        self.scorer = PolicyScorer(policy_dir, catalog.categories)
-        _batched(self.choose, cfg)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def choose(self, histories: list[np.ndarray], ranked: list[Ranked]) -> list[float]:
-        return self.scorer.choose(histories, ranked).tolist()
+    # The defaults are ServeConfig's; __init__ applies the configured values.
+    @serve.batch(
+        max_batch_size=ServeConfig.batch_max_size, batch_wait_timeout_s=ServeConfig.batch_wait_s
+    )
+    async def run(self, requests: list[tuple]) -> list[Any]:
+        """B requests' argument tuples -> B results (one call of the stage's batch function)."""
+        return self.fn(*(list(column) for column in zip(*requests, strict=True)))
 
 
 class HandleStages:
-    """serve.pipeline.Stages over deployment handles."""
+    """serve.frontend.Stages over the stage deployments' handles."""
 
-    def __init__(self, retriever: DeploymentHandle, ranker: DeploymentHandle, policy) -> None:
-        self.retriever, self.ranker, self.policy = retriever, ranker, policy
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles, self.names = handles, frozenset(handles)
 
-    async def retrieve(self, history: np.ndarray, exclude: np.ndarray | None) -> Retrieved:
-        return await self.retriever.retrieve.remote(history, exclude)
-
-    async def rank(self, retrieved: Retrieved) -> Ranked:
-        return await self.ranker.rank.remote(retrieved)
-
-    async def choose_lam(self, history: np.ndarray, ranked: Ranked) -> float:
-        return await self.policy.choose.remote(history, ranked)
-
-
-def fused_stages(model, catalog: Catalog, cfg: ServeConfig, policy_dir: str | None) -> LocalStages:
-    """serve.fused: the engine objects in the ingress process (no handle hops, no batching)."""
-    policy = None
-    if policy_dir is not None:
-        from serve.policy import PolicyScorer
-
-        policy = PolicyScorer(policy_dir, catalog.categories)
-    tower = QueryTower(model, catalog.behavior)
-    return LocalStages(tower, HeadScorer(model, cfg.relevance_weight), cfg.n_candidates, policy)
+    async def run(self, name: str, *args: Any) -> Any:
+        return await self.handles[name].run.remote(args)
 
 
 @serve.deployment
@@ -128,27 +90,22 @@ def fused_stages(model, catalog: Catalog, cfg: ServeConfig, policy_dir: str | No
 class Ingress:
     def __init__(
         self,
-        retriever: DeploymentHandle | None,
-        ranker: DeploymentHandle | None,
-        policy: DeploymentHandle | None,
+        handles: dict[str, DeploymentHandle],
         model_dir: str,
         cfg: ServeConfig,
+        rerank: RerankConfig,
         policy_dir: str | None = None,
     ) -> None:
-        """Handles of the stage deployments; all None with serve.fused (stages run here)."""
+        """Handles of the stage deployments by stage name; empty with serve.fused (the stages
+        then run here, built from the same StageContext)."""
         torch.set_num_threads(cfg.torch_threads)
-        export = Path(model_dir) / "export"
-        model = load_export(export)
-        catalog = Catalog.load(export)
-        users = UserHistories.load(Path(model_dir) / "data", model.cfg.max_len)
+        ctx = StageContext(model_dir, cfg, rerank, policy_dir)
+        users = UserHistories.load(Path(model_dir) / "data", ctx.model.cfg.max_len)
         with torch.no_grad():
-            vectors = model.model.item_embeddings().numpy().astype(np.float32)  # (N + 1, D)
-        if cfg.fused:
-            self.stages = fused_stages(model, catalog, cfg, policy_dir)
-            has_policy = self.stages.policy is not None
-        else:
-            self.stages, has_policy = HandleStages(retriever, ranker, policy), policy is not None
-        self.front = Frontend(cfg, catalog, users, vectors, has_policy=has_policy)
+            vectors = ctx.model.item_table().numpy().astype(np.float32)  # (N + 1, D)
+        self.stages = LocalStages(ctx) if cfg.fused else HandleStages(handles)
+        has_policy = "policy" in self.stages.names
+        self.front = Frontend(cfg, rerank, ctx.catalog, users, vectors, has_policy=has_policy)
         api.state.max_body_bytes = cfg.max_body_bytes  # read by BodyLimit
 
     @api.post("/recommend", response_model=RecommendResponse)
@@ -168,7 +125,7 @@ class Ingress:
             "n_items": front.catalog.n_items,
             "n_users": len(front.users),
             "policy": front.has_policy,
-            "rerank": f"{front.rerank_cfg.method}/{front.rerank_cfg.similarity}",
+            "rerank": f"{front.rerank.method}/{front.rerank.similarity}",
         }
 
     @api.get("/items/{item_id}", response_model=ItemResponse)
@@ -182,10 +139,11 @@ class Ingress:
         return {"index": idx, **self.front.catalog.describe(idx)}
 
 
-def deployment_options(spec: DeploymentSpec) -> dict[str, Any]:
-    """A DeploymentSpec -> `.options(...)` keyword arguments."""
+def deployment_options(spec: DeploymentSpec, name: str | None = None) -> dict[str, Any]:
+    """A DeploymentSpec (and a deployment name) -> `.options(...)` keyword arguments."""
     auto = spec.autoscaling
     return {
+        **({"name": name} if name is not None else {}),
         "ray_actor_options": {"num_cpus": spec.num_cpus},
         "max_ongoing_requests": spec.max_ongoing_requests,
         "autoscaling_config": {
@@ -207,34 +165,47 @@ def resolve_dir(path: str | None) -> str | None:
     return str(p if p.is_absolute() else (ROOT / p).resolve())
 
 
-def build_app(cfg: ServeConfig, model_dir: str | None, policy_dir: str | None = None):
+def build_app(
+    cfg: ServeConfig,
+    rerank: RerankConfig,
+    model_dir: str | None,
+    policy_dir: str | None = None,
+):
     """The bound application; model_dir is required, policy_dir optional (lam: default)."""
     model_dir = resolve_dir(model_dir)
     if model_dir is None:
         raise ValueError("model_dir is required: a train job's output directory (with export/)")
     if not (Path(model_dir) / "export" / "model_config.json").is_file():
         raise ValueError(f"model_dir {model_dir!r} has no export/model_config.json")
+    cfg.check_rerank(rerank)
     policy_dir = resolve_dir(policy_dir)
     ingress = Ingress.options(**deployment_options(cfg.ingress))
     if cfg.fused:
-        return ingress.bind(None, None, None, model_dir, cfg, policy_dir)
-    retriever = Retriever.options(**deployment_options(cfg.retriever)).bind(model_dir, cfg)
-    ranker = Ranker.options(**deployment_options(cfg.ranker)).bind(model_dir, cfg)
-    policy = None
-    if policy_dir is not None:
-        opts = deployment_options(cfg.policy)
-        policy = Policy.options(**opts).bind(model_dir, policy_dir, cfg)
-    return ingress.bind(retriever, ranker, policy, model_dir, cfg)
+        return ingress.bind({}, model_dir, cfg, rerank, policy_dir)
+    ctx = StageContext(model_dir, cfg, rerank, policy_dir)  # only asked which stages are on
+    handles = {
+        stage.name: StageDeployment.options(
+            **deployment_options(cfg.deployment(stage.name), stage.deployment)
+        ).bind(stage.name, model_dir, cfg, rerank, policy_dir)
+        for stage in STAGES
+        if stage.enabled(ctx)
+    }
+    return ingress.bind(handles, model_dir, cfg, rerank)
+
+
+APP_ARGS = ("model_dir", "policy_dir", "serve", "rerank")
 
 
 def app_builder(args: dict[str, Any]):
-    """For `serve run serve/config.yaml`: args {"model_dir", "policy_dir", "serve": {...}}.
+    """For `serve run serve/config.yaml`: args {"model_dir", "policy_dir", "serve", "rerank"}.
 
-    "serve" holds ServeConfig fields (unknown keys are refused); the per-deployment sections
-    of the Serve config file override replicas and resources on top of them.
+    "serve" holds ServeConfig fields and "rerank" rec.rerank.RerankConfig fields (the run
+    config's sections of the same names; unknown keys are refused); the per-deployment
+    sections of the Serve config file override replicas and resources on top of them.
     """
-    unknown = sorted(set(args) - {"model_dir", "policy_dir", "serve"})
+    unknown = sorted(set(args) - set(APP_ARGS))
     if unknown:
-        raise ValueError(f"unknown app arg {unknown[0]!r}; allowed: model_dir, policy_dir, serve")
+        raise ValueError(f"unknown app arg {unknown[0]!r}; allowed: {', '.join(APP_ARGS)}")
     cfg = from_dict(ServeConfig, dict(args.get("serve") or {}), "serve")
-    return build_app(cfg, args.get("model_dir"), args.get("policy_dir"))
+    rerank = from_dict(RerankConfig, dict(args.get("rerank") or {}), "rerank")
+    return build_app(cfg, rerank, args.get("model_dir"), args.get("policy_dir"))

@@ -4,7 +4,10 @@
     idx, unknown = catalog.to_indices([301, 775, 999999])  # raw ids -> indices; unknowns reported
     users = UserHistories.load("outputs/beauty/data")      # optional: user_id -> logged history
 
-Item indices are the model's (1..n_items, 0 = padding); raw ids are the source's.
+Item indices are the model's (1..n_items, 0 = padding); raw ids are the source's. Requests
+carry item ids only, so their history events get the behavior token the prepared data names in
+its meta ("request_behavior", written by prepare from the dataset format's reader: the plain
+interaction, e.g. "pv" for Taobao, "review" for Amazon, "rating_high" for MovieLens).
 """
 
 from __future__ import annotations
@@ -18,17 +21,6 @@ import polars as pl
 
 from rec.data.outputs import item_category_table
 from rec.data.schema import BEHAVIOR_TOKENS
-
-# The behavior token a request's history events get: the source's plain interaction. Requests
-# carry item ids only, so "viewed" (Taobao, synthetic), "reviewed" (Amazon) or "rated and liked"
-# (MovieLens: users mostly rate what they like) is the closest event the model was trained on.
-REQUEST_BEHAVIOR = {
-    "taobao": "pv",
-    "synthetic": "pv",
-    "parquet": "pv",
-    "amazon": "review",
-    "movielens": "rating_high",
-}
 
 
 @dataclass
@@ -67,7 +59,7 @@ class Catalog:
         category_ids[cats["category_idx"].to_numpy()] = cats["category_id"].to_numpy()
         counts = np.concatenate([[0], items["count"].to_numpy()]).astype(np.int64)
         table = item_category_table(items, max(1, meta["max_categories_per_item"]))
-        behavior = BEHAVIOR_TOKENS[REQUEST_BEHAVIOR.get(meta["format"], "pv")]
+        behavior = request_behavior(meta, export_dir / "data_meta.json")
         index_of = {int(raw): i for i, raw in enumerate(item_ids[1:].tolist(), start=1)}
         return cls(item_ids, table, category_ids, counts, behavior, index_of)
 
@@ -94,6 +86,22 @@ class Catalog:
             "categories": self.raw_categories(idx),
             "popularity": int(self.counts[idx]),
         }
+
+
+def request_behavior(meta: dict, path: Path) -> int:
+    """The behavior token of request history events, from the prepared data's meta."""
+    name = meta.get("request_behavior")
+    if name is None:
+        raise ValueError(
+            f"{path} has no 'request_behavior' key (the behavior token name request events "
+            "get); prepare the data again with the current jobs.prepare"
+        )
+    if name not in BEHAVIOR_TOKENS:
+        raise ValueError(
+            f"{path}: request_behavior={name!r} is not a behavior token; "
+            f"known: {sorted(BEHAVIOR_TOKENS)}"
+        )
+    return BEHAVIOR_TOKENS[name]
 
 
 class UserHistories:

@@ -1,15 +1,18 @@
-"""The `serve:` section of the run config: request limits, pipeline knobs, Serve deployment shape.
+"""The `serve:` section of the run config: request limits, request-path knobs, deployment shape.
 
     cfg = load_config(RunConfig, "jobs/configs/beauty.yaml", ["serve.port=8080"]).serve
 
 Artifact locations are not here: they are the run config's top-level `model_dir` (a train
-job's output directory) and `policy_dir` (a train_policy job's output directory).
+job's output directory) and `policy_dir` (a train_policy job's output directory). Nor is
+re-ranking: method, similarity, theta_max and the candidate count N are the run config's
+top-level `rerank:` section (rec.rerank.RerankConfig), shared with the frontier and the RL env.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+
+from rec.rerank import RerankConfig
 
 
 @dataclass
@@ -52,36 +55,30 @@ class ServeConfig:
     port: int = 8000  # HTTP port of the Serve proxy
     app_name: str = "recommender"  # Serve application name
     route_prefix: str = "/"  # where the application is mounted
-    n_candidates: int = 100  # N items retrieval hands to ranking and re-ranking
-    max_k: int = 100  # largest k a request may ask for (<= n_candidates)
+    max_k: int = 100  # largest k a request may ask for (<= rerank.n_candidates)
     max_history: int = 200  # longer histories keep their most recent items (model sees max_len)
     max_body_bytes: int = 65536  # larger request bodies get 413
-    rerank_method: Literal["dpp", "mmr", "none"] = "dpp"  # rec.rerank method at the final stage
-    similarity: Literal["embedding", "category"] = "embedding"  # cosine of item vectors / Jaccard
-    theta_max: float = 1.0  # DPP relevance scale at lam = 0.5 (rec.rerank.RerankConfig)
     relevance_weight: float = 1.0  # w in score = log softmax_N(interest) + w * log P(relevance)
     default_lam: float = 0.3  # lam when the request has none and no policy is configured
     cold_start_lam: float = 0.7  # lam of the popular-and-diverse list for unknown users
     cold_start_pool: int = 200  # most popular items the cold-start list is re-ranked from
-    batch_max_size: int = 16  # @serve.batch: most requests one model call takes
-    batch_wait_s: float = 0.002  # @serve.batch: longest wait for a batch to fill
+    # @serve.batch of every stage deployment (the one place these defaults are declared).
+    batch_max_size: int = 16  # most requests one model call takes
+    batch_wait_s: float = 0.002  # longest wait for a batch to fill
     torch_threads: int = 1  # intra-op threads per replica (replicas share 2 cores)
     # Run retrieval, ranking and the policy inside the ingress replica instead of their own
     # deployments: no handle hops (lowest latency on a small machine), no separate scaling.
     fused: bool = False
+    # One per deployment: the ingress and each stage of serve/stages.py, named like the stage.
     ingress: DeploymentSpec = field(default_factory=DeploymentSpec)  # FastAPI + re-ranking
     retriever: DeploymentSpec = field(default_factory=DeploymentSpec)  # user tower + top-N
     ranker: DeploymentSpec = field(default_factory=DeploymentSpec)  # multi-task heads
     policy: DeploymentSpec = field(default_factory=DeploymentSpec)  # RL lam policy
 
     def __post_init__(self) -> None:
-        for name in ("n_candidates", "max_k", "max_history", "max_body_bytes", "cold_start_pool"):
+        for name in ("max_k", "max_history", "max_body_bytes", "cold_start_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve.{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_k > self.n_candidates:
-            raise ValueError(
-                f"serve.max_k={self.max_k!r} must be <= serve.n_candidates={self.n_candidates!r}"
-            )
         for name in ("default_lam", "cold_start_lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"serve.{name} must lie in [0, 1], got {getattr(self, name)!r}")
@@ -91,3 +88,15 @@ class ServeConfig:
             raise ValueError("serve.batch_max_size must be >= 1 and serve.batch_wait_s >= 0")
         if self.relevance_weight < 0:
             raise ValueError(f"serve.relevance_weight must be >= 0, got {self.relevance_weight!r}")
+
+    def check_rerank(self, rerank: RerankConfig) -> None:
+        """The bound between the two sections: k never exceeds the candidates retrieval returns."""
+        if self.max_k > rerank.n_candidates:
+            raise ValueError(
+                f"serve.max_k={self.max_k!r} must be <= rerank.n_candidates={rerank.n_candidates!r}"
+            )
+
+    def deployment(self, name: str) -> DeploymentSpec:
+        """The DeploymentSpec field `name` ("ingress" or a stage name); defaults if none."""
+        spec = getattr(self, name, None)
+        return spec if isinstance(spec, DeploymentSpec) else DeploymentSpec()

@@ -6,16 +6,21 @@
     ranked = HeadScorer(model).score(got)           # multi-task heads over the candidates
     picks = rerank_candidates(ranked[0].scores, 10, 0.3, cfg, vectors=table[cands])
 
-The Ray deployments in serve/app.py wrap each object; tests drive them directly.
+The stages call the `Recommender`'s own inference methods (`user_embedding`,
+`next_item_scores`, `relevance_logits`, `diversity_logits`): serving scores what `test.*`
+measured, with the item table computed once. The Ray deployments in serve/app.py wrap each
+object; tests drive them directly.
 
 Final ranking score of candidate c for a user with hidden state h (documented in README):
 
-    score(c) = log softmax_{c' in candidates}(h . e_c' / tau)[c]  +  w * log sigmoid(rel(h, e_c))
+    score(c) = log softmax_{c' in candidates}(s_c')[c]  +  w * log sigmoid(rel(h, e_c))
 
-i.e. log P(next = c | candidates) + w log P(relevant | c): with w = 1 the log of the joint
-probability "the user picks c next and engages with it" (graded relevance: P(cart/fav/buy |
-interacts with c); Amazon's sampled head: P(c is a real next item rather than a random one)).
-w = serve.relevance_weight; w = 0 is the interest order.
+with s_c = h . e_c / tau + r [c in the history] the model's next-item logit (r: the learned
+repeat logit; it only matters with exclude_seen=false, since history items are otherwise never
+candidates), i.e. log P(next = c | candidates) + w log P(relevant | c): with w = 1 the log of
+the joint probability "the user picks c next and engages with it" (graded relevance:
+P(cart/fav/buy | interacts with c); Amazon's sampled head: P(c is a real next item rather than
+a random one)). w = serve.relevance_weight; w = 0 is the interest order.
 """
 
 from __future__ import annotations
@@ -27,15 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rec.data.batch import Batch
-from rec.heads import Recommender, trim_padding
+from rec.data.batch import Batch, collate, left_pad
+from rec.recommender import Recommender
 from rec.rerank import RerankConfig, rerank
 
 
 @dataclass
 class Retrieved:
     """One request's retrieval result: candidates (N,) int64 item indices by descending
-    interest, interest (N,) float32 logits h . e / tau, h (D,) float32 the user state."""
+    interest, interest (N,) float32 the model's next-item logits s_c (module docstring), h (D,)
+    float32 the user state."""
 
     candidates: np.ndarray
     interest: np.ndarray
@@ -61,45 +67,42 @@ def history_batch(histories: list[np.ndarray], behavior: int, max_len: int) -> B
     get the request behavior token and gap token 1 ("unknown gap"): requests carry no times.
     """
     width = max(1, min(max_len, max((len(h) for h in histories), default=1)))
-    items = np.zeros((len(histories), width), dtype=np.int64)  # (B, T)
-    for row, hist in enumerate(histories):
-        hist = np.asarray(hist, dtype=np.int64)[-width:]
-        if hist.size:
-            items[row, width - hist.size :] = hist
-    items_t = torch.from_numpy(items)  # (B, T)
-    real = (items_t > 0).long()  # (B, T)
-    zeros = torch.zeros_like(items_t)
-    return Batch(items_t, real * behavior, real, zeros, zeros)
+    items = left_pad([np.asarray(h, dtype=np.int64) for h in histories], width)  # (B, T)
+    real = (items > 0).astype(np.int64)  # (B, T)
+    zeros = np.zeros_like(items)  # (B, T) requests have no targets
+    return collate(
+        {
+            "items": items,
+            "behaviors": real * behavior,
+            "gaps": real,
+            "targets": zeros,
+            "target_behaviors": zeros,
+        }
+    )
 
 
 class QueryTower:
-    """Retrieval: the transformer encodes the history into h, then top-N of h . e over all items."""
+    """Retrieval: the transformer encodes the history into h, then top-N of the model's
+    next-item logits over all items (`Recommender.next_item_scores`)."""
 
     def __init__(self, model: Recommender, behavior: int) -> None:
         self.model = model.eval()
         self.behavior = behavior
-        with torch.no_grad():
-            self.table = model.model.item_embeddings().contiguous()  # (N_items + 1, D)
-        self.scaled_t = (self.table / model.cfg.temperature).T.contiguous()  # (D, N_items + 1)
-
-    @torch.no_grad()
-    def encode(self, histories: list[np.ndarray]) -> torch.Tensor:
-        """B histories -> h (B, D) at the last position."""
-        batch = trim_padding(history_batch(histories, self.behavior, self.model.cfg.max_len))
-        return self.model.model(batch, self.table)[:, -1]  # (B, D)
+        self.table = model.item_table().contiguous()  # (N_items + 1, D), once, not per request
 
     @torch.no_grad()
     def retrieve(
         self, histories: list[np.ndarray], exclude: list[np.ndarray | None], n: int
     ) -> list[Retrieved]:
-        """Top-n items per history by h . e / tau; `exclude[b]` item indices never come back.
+        """Top-n items per history by the model's next-item logits (the learned repeat logit
+        included); `exclude[b]` item indices never come back.
 
         Fewer than n candidates come back only when the catalogue minus the exclusions is smaller.
         """
         t0 = time.perf_counter()
-        h = self.encode(histories)  # (B, D)
-        scores = h @ self.scaled_t  # (B, N_items + 1)
-        scores[:, 0] = float("-inf")
+        batch = history_batch(histories, self.behavior, self.model.cfg.max_len)
+        h = self.model.user_embedding(batch, self.table)  # (B, D)
+        scores = self.model.next_item_scores(h, batch.items, self.table)  # (B, N_items + 1)
         for row, items in enumerate(exclude):
             if items is not None and len(items):
                 # torch.tensor copies: arrays that came through Ray are read-only.
@@ -125,8 +128,7 @@ class HeadScorer:
     def __init__(self, model: Recommender, relevance_weight: float = 1.0) -> None:
         self.model = model.eval()
         self.relevance_weight = relevance_weight
-        with torch.no_grad():
-            self.table = model.model.item_embeddings().contiguous()  # (N_items + 1, D)
+        self.table = model.item_table().contiguous()  # (N_items + 1, D), once, not per request
 
     @torch.no_grad()
     def score(self, requests: list[Retrieved]) -> list[Ranked]:
@@ -140,9 +142,9 @@ class HeadScorer:
             cands[row, : len(r.candidates)] = torch.tensor(r.candidates, dtype=torch.long)
             interest[row, : len(r.interest)] = torch.tensor(r.interest, dtype=torch.float32)
         h = torch.from_numpy(np.stack([r.h for r in requests]))  # (B, D)
-        vecs = F.embedding(cands, self.table)  # (B, N, D)
-        rel_logit = self.model.relevance_head(h.unsqueeze(1).expand_as(vecs), vecs)  # (B, N)
-        div = torch.sigmoid(self.model.diversity_head(h))  # (B,)
+        vecs = F.embedding(cands, self.table)  # (B, N, D) the candidates' item vectors
+        rel_logit = self.model.relevance_logits(h, vecs)  # (B, N)
+        div = torch.sigmoid(self.model.diversity_logits(h))  # (B,)
         log_p = torch.log_softmax(interest, dim=1)  # (B, N) over the candidates only
         scores = log_p + self.relevance_weight * F.logsigmoid(rel_logit)  # (B, N)
         rel = torch.sigmoid(rel_logit)  # (B, N)

@@ -13,10 +13,11 @@ import torch
 
 from rec.data.config import DataConfig
 from rec.data.local import prepare_local
+from rec.data.splits import load_item_tables
 from rec.data.synthetic import SyntheticConfig
-from rec.evaluation import build_recommender, load_item_tables
 from rec.export import save_export
 from rec.model import ModelConfig
+from rec.recommender import build_recommender
 
 
 def make_model_dir(root: Path, seed: int = 0) -> Path:

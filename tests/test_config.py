@@ -1,10 +1,11 @@
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import pytest
 
 from jobs.config import RunConfig
-from rec.config import ConfigError, apply_override, from_dict, load_config
+from rec.config_loader import ConfigError, apply_override, from_dict, load_config
+from rec.rerank import METHODS, Method
 
 
 @dataclass
@@ -68,5 +69,31 @@ def test_shipped_configs_load(name):
 def test_data_config_checks_values():
     with pytest.raises(ValueError, match="data.path"):
         load_config(RunConfig, None, ["data.format=taobao"])
+    with pytest.raises(ValueError, match="'csv' is not one of"):
+        load_config(RunConfig, None, ["data.format=csv", "data.path=x.csv"])
     with pytest.raises(ValueError, match="min_timestamp"):
         load_config(RunConfig, None, ["data.min_timestamp=yesterday"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("rerank.method=xmr", r"rerank.method: 'xmr' is not one of \['none', 'mmr', 'dpp'\]"),
+        ("rerank.similarity=jaccard", "rerank.similarity"),
+        ("rerank.identity_mix=1.0", "rerank.identity_mix"),
+        ("rerank.theta_max=-1", "rerank.theta_max"),
+        ("rerank.n_candidates=5", r"frontier.k must be in \[1, rerank.n_candidates=5\]"),
+    ],
+)
+def test_rerank_section_is_checked_once(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RunConfig, None, [override])
+
+
+def test_one_rerank_section_for_serving_frontier_and_env():
+    cfg = load_config(RunConfig, None, ["rerank.similarity=category", "rerank.theta_max=2"])
+    assert (cfg.rerank.similarity, cfg.rerank.theta_max) == ("category", 2.0)
+    assert list(get_args(Method)) == list(METHODS)
+    for section in (cfg.serve, cfg.frontier, cfg.env):
+        assert not {"rerank_method", "theta_max"} & set(vars(section))
+    assert not hasattr(cfg.env, "similarity") and not hasattr(cfg.frontier, "n_candidates")

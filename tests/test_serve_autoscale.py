@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from rec.rerank import RerankConfig
 from serve.app import build_app
 from serve.catalog import Catalog
 from serve.config import AutoscalingSpec, DeploymentSpec, ServeConfig
@@ -43,9 +44,10 @@ def server(ray_local, tmp_path_factory):
             look_back_period_s=2.0,
         ),
     )
-    cfg = ServeConfig(port=PORT, n_candidates=50, max_k=20, ranker=ranker)
+    cfg = ServeConfig(port=PORT, max_k=20, ranker=ranker)
+    app = build_app(cfg, RerankConfig(n_candidates=50), str(model_dir))
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(cfg, str(model_dir)), name=APP, route_prefix="/")
+    serve.run(app, name=APP, route_prefix="/")
     yield Catalog.load(model_dir / "export")
     serve.shutdown()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import httpx
@@ -14,15 +15,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from rec.data.schema import BEHAVIOR_TOKENS
 from rec.export import load_export
 from rec.metrics import ild_jaccard
+from rec.rerank import RerankConfig
 from serve.app import app_builder, build_app
 from serve.catalog import Catalog, UserHistories
 from serve.config import ServeConfig
 from serve.engine import HeadScorer, QueryTower, history_batch
+from serve.frontend import Frontend, LocalStages, RequestError, run_sync
 from serve.http import BodyLimit
-from serve.pipeline import Frontend, LocalStages, RequestError, run_sync
 from serve.schemas import RecommendRequest
+from serve.stages import StageContext
 from tests.conftest import ROOT
 from tests.serve_support import make_model_dir
 
@@ -41,12 +45,16 @@ def parts(model_dir):
     return model, catalog, users
 
 
-def frontend(parts, **overrides) -> tuple[Frontend, LocalStages]:
+def frontend(
+    parts, model_dir: Path, policy_dir: str | None = None, **rerank
+) -> tuple[Frontend, LocalStages]:
+    """A Frontend and the registered stages in-process (`rerank`: RerankConfig overrides)."""
     model, catalog, users = parts
-    cfg = ServeConfig(n_candidates=50, max_k=20, max_history=30, **overrides)
-    vectors = model.model.item_embeddings().detach().numpy()
-    front = Frontend(cfg, catalog, users, vectors, has_policy=False)
-    stages = LocalStages(QueryTower(model, catalog.behavior), HeadScorer(model), cfg.n_candidates)
+    cfg = ServeConfig(max_k=20, max_history=30)
+    rerank_cfg = RerankConfig(n_candidates=50, **rerank)
+    vectors = model.item_table().detach().numpy()
+    stages = LocalStages(StageContext(model_dir, cfg, rerank_cfg, policy_dir))
+    front = Frontend(cfg, rerank_cfg, catalog, users, vectors, "policy" in stages.names)
     return front, stages
 
 
@@ -69,18 +77,26 @@ def test_history_batch_left_pads_and_keeps_recent() -> None:
     assert int(batch.targets.abs().sum()) == 0
 
 
-def test_retrieval_matches_full_scoring_and_excludes(parts) -> None:
+@pytest.mark.parametrize("exclude_seen", [False, True])
+def test_retrieval_ranks_by_score_next(parts, exclude_seen: bool) -> None:
+    """Retrieval is `Recommender.score_next` on the request history, the learned repeat logit
+    included (what `test.*` measures); exclude_seen=true only takes the history out."""
     model, catalog, _ = parts
-    tower = QueryTower(model, catalog.behavior)
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # the untrained export has r = 0; a large r lifts history items
+        model.repeat_logit.fill_(3.0)
     hists = [np.array([3, 8, 12]), np.array([40])]
-    got = tower.retrieve(hists, [hists[0], None], n=30)
+    excludes = hists if exclude_seen else [None, None]
+    got = QueryTower(model, catalog.behavior).retrieve(hists, excludes, n=30)
     full = model.score_next(history_batch(hists, catalog.behavior, model.cfg.max_len))  # (2, N+1)
-    full[0, hists[0]] = float("-inf")
-    want = torch.topk(full, 30, dim=1)
-    for row in range(2):
-        assert got[row].candidates.tolist() == want.indices[row].tolist()
-        np.testing.assert_allclose(got[row].interest, want.values[row].numpy(), rtol=1e-5)
-    assert not set(got[0].candidates) & set(hists[0].tolist())
+    for row, hist in enumerate(hists):
+        if exclude_seen:
+            full[row, hist] = float("-inf")
+        want = torch.topk(full[row], 30)
+        assert got[row].candidates.tolist() == want.indices.tolist()
+        np.testing.assert_allclose(got[row].interest, want.values.numpy(), rtol=1e-5)
+        shown = set(hist.tolist()) & set(got[row].candidates.tolist())
+        assert shown == (set() if exclude_seen else set(hist.tolist()))
 
 
 def test_ranker_score_is_documented_combination(parts) -> None:
@@ -88,16 +104,14 @@ def test_ranker_score_is_documented_combination(parts) -> None:
     hist = np.array([3, 8, 12])
     got = QueryTower(model, catalog.behavior).retrieve([hist], [None], n=25)[0]
     ranked = HeadScorer(model, relevance_weight=0.5).score([got])[0]
-    batch = history_batch([hist], catalog.behavior, model.cfg.max_len)
-    rel = model.relevance(batch, torch.from_numpy(got.candidates)[None])[0].numpy()
+    rel = ranked.relevance  # (25,) P(relevant) from the model's relevance head
+    assert ((rel > 0) & (rel < 1)).all() and 0.0 < ranked.diversity < 1.0
     want = torch.log_softmax(torch.from_numpy(got.interest), 0).numpy() + 0.5 * np.log(rel)
     np.testing.assert_allclose(ranked.scores, want, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ranked.relevance, rel, rtol=1e-5)
-    assert ranked.diversity == pytest.approx(float(model.diversity(batch)[0]), rel=1e-5)
 
 
-def test_recommend_distinct_unseen_items(parts) -> None:
-    front, stages = frontend(parts)
+def test_recommend_distinct_unseen_items(parts, model_dir) -> None:
+    front, stages = frontend(parts, model_dir)
     catalog = parts[1]
     user = next(iter(parts[2]._histories))
     seen = set(catalog.item_ids[parts[2].get(user)].tolist())
@@ -108,8 +122,8 @@ def test_recommend_distinct_unseen_items(parts) -> None:
     assert {"retrieve", "rank", "rerank", "total"} <= set(out["timings_ms"])
 
 
-def test_unknown_items_truncation_and_k_bound(parts) -> None:
-    front, stages = frontend(parts)
+def test_unknown_items_truncation_and_k_bound(parts, model_dir) -> None:
+    front, stages = frontend(parts, model_dir)
     raw = parts[1].item_ids[1:41].tolist()  # 40 known items > max_history = 30
     out = run_sync(front.recommend(RecommendRequest(history=[*raw, -7], k=5, lam=0.5), stages))
     assert out["unknown_items"] == [-7] and out["history_truncated"]
@@ -121,8 +135,8 @@ def test_unknown_items_truncation_and_k_bound(parts) -> None:
 
 
 @pytest.mark.parametrize("req", [{}, {"user_id": -123}, {"history": [-1, -2]}])
-def test_cold_start_is_popular_and_diverse(parts, req) -> None:
-    front, stages = frontend(parts, similarity="category")
+def test_cold_start_is_popular_and_diverse(parts, model_dir, req) -> None:
+    front, stages = frontend(parts, model_dir, similarity="category")
     out = run_sync(front.recommend(RecommendRequest(k=10, **req), stages))
     assert out["cold_start"] and out["lam_source"] == "cold_start" and len(out["items"]) == 10
     counts = parts[1].counts
@@ -133,8 +147,8 @@ def test_cold_start_is_popular_and_diverse(parts, req) -> None:
     assert ild_jaccard(torch.tensor([picked]), cats) >= ild_jaccard(top_pop, cats)  # diverse
 
 
-def test_raising_lam_raises_ild(parts) -> None:
-    front, stages = frontend(parts)
+def test_raising_lam_raises_ild(parts, model_dir) -> None:
+    front, stages = frontend(parts, model_dir)
     cats = torch.as_tensor(parts[1].categories)
     users = list(parts[2]._histories)[:40]
     ild = {}
@@ -179,12 +193,14 @@ def test_app_builder_and_serve_config_file(model_dir) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     with pytest.raises(ValueError, match="model_dir"):
-        build_app(ServeConfig(), None)
+        build_app(ServeConfig(), RerankConfig(), None)
     with pytest.raises(ValueError, match="'modeldir'"):
         app_builder({"modeldir": str(model_dir)})
     with pytest.raises(ValueError, match="max_k"):
         app_builder({"model_dir": str(model_dir), "serve": {"max_k": 500}})
-    app = app_builder({"model_dir": str(model_dir), "serve": {"rerank_method": "mmr"}})
+    with pytest.raises(ValueError, match="rerank_method"):  # a rerank: field, not a serve: one
+        app_builder({"model_dir": str(model_dir), "serve": {"rerank_method": "mmr"}})
+    app = app_builder({"model_dir": str(model_dir), "rerank": {"method": "mmr"}})
     assert app is not None
     raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
@@ -201,19 +217,19 @@ def test_app_builder_and_serve_config_file(model_dir) -> None:
 def test_policy_chooses_lam_from_request_state(parts, model_dir, tmp_path) -> None:
     from rl.features import request_observation
     from rl.policy import LamPolicy
-    from serve.policy import PolicyScorer
     from tests.serve_support import make_policy_dir
 
     policy_dir = make_policy_dir(tmp_path)
-    front, stages = frontend(parts)
-    front.has_policy = True
-    stages.policy = PolicyScorer(policy_dir, parts[1].categories)
+    front, stages = frontend(parts, model_dir, str(policy_dir))
+    assert front.has_policy
     user = next(iter(parts[2]._histories))
     out = run_sync(front.recommend(RecommendRequest(user_id=user, k=10), stages))
     assert out["lam_source"] == "policy" and "policy" in out["timings_ms"]
     # the same lam by hand: retrieval -> ranking -> observation -> LamPolicy
     hist = parts[2].get(user)
-    ranked = stages.scorer.score(stages.tower.retrieve([hist], [hist], 50))[0]
+    model, catalog, _ = parts
+    got = QueryTower(model, catalog.behavior).retrieve([hist], [hist], 50)
+    ranked = HeadScorer(model).score(got)[0]
     policy = LamPolicy.load(policy_dir)
     obs = request_observation(
         hist, parts[1].categories, ranked.diversity, ranked.scores, policy.env_cfg
@@ -224,18 +240,38 @@ def test_policy_chooses_lam_from_request_state(parts, model_dir, tmp_path) -> No
     assert given["lam"] == 0.25 and given["lam_source"] == "request"
 
 
-def test_fused_stages_answer_as_the_separate_ones(parts, model_dir, tmp_path) -> None:
-    from serve.app import fused_stages
+def test_stages_come_from_the_registry(parts, model_dir, tmp_path) -> None:
+    """The fused app builds; the policy stage runs only with a policy_dir; adding it changes
+    nothing else (a request with lam answers alike)."""
+    from serve.stages import STAGES
     from tests.serve_support import make_policy_dir
 
-    assert build_app(ServeConfig(fused=True), str(model_dir)) is not None
-    cfg = ServeConfig(n_candidates=50, max_k=20, max_history=30)
-    fused = fused_stages(parts[0], parts[1], cfg, str(make_policy_dir(tmp_path)))
-    front, local = frontend(parts)
+    assert build_app(ServeConfig(fused=True), RerankConfig(), str(model_dir)) is not None
+    front, local = frontend(parts, model_dir)
+    _, with_policy = frontend(parts, model_dir, str(make_policy_dir(tmp_path)))
+    assert local.names == {"retriever", "ranker"}
+    assert with_policy.names == {stage.name for stage in STAGES} >= {"policy"}
     user = next(iter(parts[2]._histories))
     req = RecommendRequest(user_id=user, k=10, lam=0.5)
-    a, b = (run_sync(front.recommend(req, st)) for st in (fused, local))
+    a, b = (run_sync(front.recommend(req, st)) for st in (with_policy, local))
     assert a["items"] == b["items"]
     front.has_policy = True
-    out = run_sync(front.recommend(RecommendRequest(user_id=user, k=10), fused))
+    out = run_sync(front.recommend(RecommendRequest(user_id=user, k=10), with_policy))
     assert out["lam_source"] == "policy"
+    with pytest.raises(RuntimeError, match="'policy' is not running"):
+        run_sync(local.run("policy", parts[2].get(user), None))
+
+
+def test_catalog_needs_request_behavior_in_meta(model_dir, tmp_path) -> None:
+    """Serving learns the request events' behavior token from the prepared data's meta."""
+    import json
+    import shutil
+
+    export = shutil.copytree(model_dir / "export", tmp_path / "export")
+    meta = json.loads((export / "data_meta.json").read_text())
+    assert Catalog.load(export).behavior == BEHAVIOR_TOKENS[meta["request_behavior"]]
+    for bad in ({}, {"request_behavior": "clicked"}):
+        rest = {k: v for k, v in meta.items() if k != "request_behavior"}
+        (export / "data_meta.json").write_text(json.dumps({**rest, **bad}))
+        with pytest.raises(ValueError, match=r"data_meta\.json.*request_behavior"):
+            Catalog.load(export)

@@ -21,7 +21,7 @@ from schemathesis.checks import not_a_server_error
 
 from jobs import serve as serve_job
 from jobs.config import RunConfig
-from rec.config import load_config
+from rec.config_loader import load_config
 from rec.metrics import ild_jaccard
 from serve.catalog import Catalog, UserHistories
 from tests.serve_support import make_model_dir, make_policy_dir
@@ -47,7 +47,7 @@ def server(ray_local, tmp_path_factory):
             f"policy_dir={policy_dir}",
             f"serve.port={PORT}",
             f"serve.app_name={APP}",
-            "serve.n_candidates=50",
+            "rerank.n_candidates=50",
             "serve.max_k=20",
             "serve.max_history=30",
             "serve.max_body_bytes=4096",

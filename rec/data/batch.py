@@ -1,4 +1,5 @@
-"""From prepared sequences to model batches: numpy examples, then one collate to tensors.
+"""From prepared sequences to model batches: numpy examples, one collate to tensors, and the
+one length-bucketed batch iterator that training, evaluation and the RL world share.
 
 Prepared splits (written by `jobs.prepare`, see rec/data/sequences.py) hold one row per user:
 
@@ -10,10 +11,16 @@ Prepared splits (written by `jobs.prepare`, see rec/data/sequences.py) hold one 
 `make_examples` turns a batch of such rows into fixed-length, left-padded numpy arrays
 (it runs inside Ray Data's map_batches), and `collate` makes the typed tensor batch the
 model takes. Models never see numpy.
+
+    rows = collate(load_examples(prepared, "test", 50))       # Batch (U, 50)
+    for idx, batch in length_batches(rows, 256):              # shortest histories first
+        scores[idx] = model.score_next(batch)                 # idx: the batch's rows in `rows`
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +28,9 @@ import numpy as np
 import torch
 
 N_GAP_TOKENS = 24  # 0 pad, 1 first event / unknown gap, 2.. log2-bucketed seconds since previous
+# Default users per forward pass where a model scores the whole catalogue outside training (the
+# frontier, the simulator's world): the (B, n_items + 1) score matrix sets the memory.
+SCORE_BATCH_SIZE = 256
 
 
 @dataclass
@@ -40,15 +50,36 @@ class Batch:
     targets: torch.Tensor
     target_behaviors: torch.Tensor
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The same fn applied to every field (all fields share the (B, T) layout)."""
+        return Batch(**{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+        return self.map(lambda v: v.to(device, non_blocking=True))
+
+    def take(self, idx: np.ndarray | torch.Tensor) -> Batch:
+        """Rows `idx` ((K,) int positions) of every field -> a Batch (K, T)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return self.map(lambda v: v[idx])
+
+    @staticmethod
+    def cat(batches: Sequence[Batch]) -> Batch:
+        """Batches of the same width T, rows stacked in order -> (sum B, T)."""
+        if not batches:
+            raise ValueError("Batch.cat needs at least one batch, got none")
+        return Batch(
+            **{
+                f.name: torch.cat([getattr(b, f.name) for b in batches])
+                for f in dataclasses.fields(Batch)
+            }
+        )
 
     @property
     def size(self) -> int:
         return int(self.items.shape[0])
 
 
-def gap_tokens(timestamps: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+def gap_tokens(timestamps: np.ndarray) -> np.ndarray:
     """(N,) int64 timestamps of one sequence -> (N,) gap tokens; the first event gets 1."""
     ts = np.asarray(timestamps, dtype=np.int64)
     out = np.ones(ts.shape, dtype=np.int64)
@@ -58,13 +89,27 @@ def gap_tokens(timestamps: np.ndarray, lengths: np.ndarray | None = None) -> np.
     return out
 
 
-def _left_pad(rows: list[np.ndarray], max_len: int) -> np.ndarray:
-    out = np.zeros((len(rows), max_len), dtype=np.int64)
+def left_pad(rows: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """Rows of varying length -> (B, max_len) int64, right-aligned, 0 in front.
+
+    A row longer than max_len keeps its last (most recent) max_len values."""
+    out = np.zeros((len(rows), max_len), dtype=np.int64)  # (B, max_len)
     for i, row in enumerate(rows):
-        row = row[-max_len:]
+        row = np.asarray(row, dtype=np.int64)[-max_len:]
         if row.size:
             out[i, max_len - row.size :] = row
     return out
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Drop leading columns that are padding in every row (positions are padding-invariant)."""
+    used = (batch.items > 0).any(0) | (batch.targets > 0).any(0)  # (T,)
+    if not bool(used.any()):
+        return batch
+    start = int(used.nonzero()[0, 0])
+    if start == 0:
+        return batch
+    return batch.map(lambda v: v[:, start:])
 
 
 def make_examples(batch: dict[str, Any], max_len: int) -> dict[str, np.ndarray]:
@@ -82,11 +127,11 @@ def make_examples(batch: dict[str, Any], max_len: int) -> dict[str, np.ndarray]:
     gaps = [gap_tokens(ts) for ts in stamps]
     if train:
         return {
-            "items": _left_pad([x[:-1] for x in items], max_len),
-            "behaviors": _left_pad([x[:-1] for x in behaviors], max_len),
-            "gaps": _left_pad([x[:-1] for x in gaps], max_len),
-            "targets": _left_pad([x[1:] for x in items], max_len),
-            "target_behaviors": _left_pad([x[1:] for x in behaviors], max_len),
+            "items": left_pad([x[:-1] for x in items], max_len),
+            "behaviors": left_pad([x[:-1] for x in behaviors], max_len),
+            "gaps": left_pad([x[:-1] for x in gaps], max_len),
+            "targets": left_pad([x[1:] for x in items], max_len),
+            "target_behaviors": left_pad([x[1:] for x in behaviors], max_len),
         }
     n = len(items)
     targets = np.zeros((n, max_len), dtype=np.int64)
@@ -94,9 +139,9 @@ def make_examples(batch: dict[str, Any], max_len: int) -> dict[str, np.ndarray]:
     targets[:, -1] = np.asarray(batch["target_item"], dtype=np.int64)
     target_behaviors[:, -1] = np.asarray(batch["target_behavior"], dtype=np.int64)
     return {
-        "items": _left_pad(items, max_len),
-        "behaviors": _left_pad(behaviors, max_len),
-        "gaps": _left_pad(gaps, max_len),
+        "items": left_pad(items, max_len),
+        "behaviors": left_pad(behaviors, max_len),
+        "gaps": left_pad(gaps, max_len),
         "targets": targets,
         "target_behaviors": target_behaviors,
     }
@@ -106,9 +151,56 @@ def collate(arrays: dict[str, np.ndarray]) -> Batch:
     """The one place numpy becomes tensors (used as `iter_torch_batches(collate_fn=...)`)."""
     return Batch(
         **{
-            name: torch.tensor(
-                np.asarray(arrays[name]), dtype=torch.long
-            )  # copies: Ray's are read-only
-            for name in ("items", "behaviors", "gaps", "targets", "target_behaviors")
+            # torch.tensor copies: arrays that came through Ray are read-only.
+            f.name: torch.tensor(np.asarray(arrays[f.name]), dtype=torch.long)
+            for f in dataclasses.fields(Batch)
         }
     )
+
+
+def length_batches(
+    source: Batch | Iterable[Batch],
+    batch_size: int,
+    rng: np.random.Generator | None = None,
+    bucket_rows: int | None = None,
+) -> Iterator[tuple[np.ndarray, Batch]]:
+    """Batches of rows with similar history length: left padding is then mostly trimmed away
+    (Beauty's median history is 6 events in a 50-wide window), for the same rows.
+
+    source: rows in memory (one Batch), cut into buckets of `bucket_rows` rows (None: one
+        bucket of all rows), in a random order first if `rng` is given; or a stream of chunks
+        (e.g. Ray Data's `iter_torch_batches`), each chunk one bucket in the order it comes
+        (the stream does its own shuffling).
+    Each bucket is sorted by length (stable), cut into batches of `batch_size` rows, and its
+    batches come in a random order with `rng`, else shortest first. So without `rng` and with
+    one bucket, rows come sorted by length: what evaluation wants (scores do not depend on the
+    order, and sorted batches carry ~6x fewer padded tokens on Beauty).
+
+    Yields (idx, batch): idx (B,) int64 the batch's row positions in `source` (for a stream,
+    counted over its chunks in order), batch = those rows. Every row comes exactly once.
+    The rng draws: one permutation of all rows, then one per bucket; so ranks that share a
+    seed and a row count take the same length quantile at each step.
+    """
+    for offset, rows, idx in _buckets(source, rng, bucket_rows):
+        lengths = (rows.items[torch.as_tensor(idx, dtype=torch.long)] > 0).sum(1).numpy()  # (R,)
+        idx = idx[np.argsort(lengths, kind="stable")]
+        parts = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+        for j in rng.permutation(len(parts)) if rng is not None else range(len(parts)):
+            yield offset + parts[j], rows.take(parts[j])
+
+
+def _buckets(
+    source: Batch | Iterable[Batch], rng: np.random.Generator | None, bucket_rows: int | None
+) -> Iterator[tuple[int, Batch, np.ndarray]]:
+    """(offset of `rows` in the source, rows, (R,) row positions in `rows`) per bucket."""
+    if isinstance(source, Batch):
+        n = source.size
+        order = rng.permutation(n) if rng is not None else np.arange(n)  # (n,)
+        step = bucket_rows or max(1, n)
+        for start in range(0, n, step):
+            yield 0, source, order[start : start + step]
+        return
+    offset = 0
+    for chunk in source:
+        yield offset, chunk, np.arange(chunk.size)
+        offset += chunk.size

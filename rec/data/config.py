@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Literal
 
 from rec.data.synthetic import SyntheticConfig
-
-DataFormat = Literal["taobao", "amazon", "movielens", "parquet", "synthetic"]
 
 
 @dataclass
 class DataConfig:
-    # Source format; see rec/data/readers.py for what each expects at `path`.
-    format: DataFormat = "synthetic"
+    # Source format: a name registered in rec/data/readers.py: FORMATS (taobao, amazon,
+    # movielens, parquet, synthetic); see there for what each expects at `path`.
+    format: str = "synthetic"
     # File or directory to read. Amazon: the sequences file (`Beauty.txt[.gz]`), attributes
     # found beside it by name. MovieLens: the ml-100k directory or its tarball. Synthetic: where
     # the generated log is written (default: <output_dir>/raw).
@@ -50,7 +48,11 @@ class DataConfig:
         )
 
     def __post_init__(self) -> None:
-        if self.format != "synthetic" and not self.path:
+        from rec.data.readers import FORMATS  # the registry imports this module
+
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format {self.format!r} is not one of {', '.join(FORMATS)}")
+        if FORMATS[self.format].generate is None and not self.path:
             raise ValueError(f"data.path is required for data.format={self.format!r}")
         if self.max_len < 1:
             raise ValueError(f"data.max_len must be >= 1, got {self.max_len!r}")

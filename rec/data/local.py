@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from rec.data import outputs, readers, sequences
 from rec.data.config import DataConfig
-from rec.data.synthetic import generate
 
 
 def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
@@ -23,10 +22,11 @@ def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
     t0 = time.perf_counter()
     out = Path(output_dir).resolve()
     outputs.reset_output(out)
-    if cfg.format == "synthetic":
+    fmt = readers.get_format(cfg.format)
+    if fmt.generate is not None:
         raw = Path(cfg.path) if cfg.path else out / "raw"
         if not any(raw.glob("*.parquet")):
-            generate(cfg.synthetic, raw)
+            fmt.generate(cfg.synthetic, raw)
         cfg = replace(cfg, path=str(raw))
     plan = readers.plan(cfg)
     events, bad = [], []
@@ -50,7 +50,7 @@ def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
         (out / split).mkdir()
         frame.write_parquet(out / split / "part-00000.parquet")
     info.pop("rows_in")
-    return outputs.finish(out, cfg, plan.timestamp_kind, log.height, info, time.perf_counter() - t0)
+    return outputs.finish(out, cfg, log.height, info, time.perf_counter() - t0)
 
 
 def _kcore(clean: pl.DataFrame, stats: pl.DataFrame, cfg: DataConfig) -> pl.DataFrame:

@@ -5,7 +5,8 @@
   vocab/items.parquet     item_idx, item_id, count, category_idx, category_ids
   vocab/categories.parquet category_idx, category_id, count
   quarantine/             rows set aside, with source, offset, raw text and reason
-  meta.json               what the training side needs: sizes, max_len, timestamp kind
+  meta.json               what training and serving need: sizes, max_len, timestamp kind,
+                          request_behavior (the token name serving gives request events)
   stats.json              counts and timing of the run
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from rec.data.config import DataConfig
+from rec.data.readers import get_format
 from rec.data.schema import ENGAGED_TOKENS, QUARANTINE_REASONS
 
 SPLITS = ("train", "valid", "test")
@@ -53,7 +55,6 @@ def quarantine_counts(out: Path) -> dict[str, int]:
 def finish(
     out: Path,
     cfg: DataConfig,
-    timestamp_kind: str,
     rows_valid: int,
     clean_info: dict[str, int],
     seconds: float,
@@ -83,10 +84,12 @@ def finish(
         "n_interactions": int(interactions or 0),
         "seconds": round(seconds, 3),
     }
+    fmt = get_format(cfg.format)
     meta = {
         "format": cfg.format,
         "max_len": cfg.max_len,
-        "timestamp_kind": timestamp_kind,
+        "timestamp_kind": fmt.timestamp_kind,
+        "request_behavior": fmt.request_behavior,
         "n_items": items.height,
         "n_categories": cats.height,
         "max_categories_per_item": int(items["category_idx"].list.len().max() or 0),

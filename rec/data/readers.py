@@ -5,6 +5,10 @@ that cannot be read at all) and cuts them into chunks; `read_chunk(chunk, cfg)` 
 (events, quarantine) pairs of Arrow tables for one chunk and runs inside a Ray task. Both are
 plain Python: the Ray layer only distributes them.
 
+Each format is one `Format` (name, plan, read, request_behavior, ...) registered in `FORMATS`
+at the bottom of this file; a new format is one more `register(Format(...))` with its two
+functions. The formats registered here:
+
 | data.format | data.path                                 | what is read                              |
 |-------------|-------------------------------------------|-------------------------------------------|
 | taobao      | CSV file or directory (gz or plain)       | user_id,item_id,category_id,behavior,ts   |
@@ -20,7 +24,7 @@ import gzip
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,54 +41,76 @@ from rec.data.parse import (
     split_valid,
     validate_events,
 )
-from rec.data.schema import BEHAVIORS
+from rec.data.schema import BEHAVIOR_TOKENS, BEHAVIORS
+from rec.data.synthetic import SyntheticConfig, generate
 from rec.data.textio import Chunk, DataError, check_file, head_lines, is_gzip, iter_blocks
 from rec.data.textio import plan_text_chunks as _plan_text
 
 FILE_SHIFT = 44  # seq_no = file index << 44 | offset: global read order across files
 
+PlanFn = Callable[[DataConfig], tuple[list[Chunk], list[Path | str]]]
+ReadFn = Callable[[Chunk, DataConfig, int], Iterator[tuple[pa.Table, pa.Table]]]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One source format (`data.format`): everything prepare and serving need to know of it.
+
+    Add a format by writing one `Format` (with its two functions) and passing it to `register`.
+    """
+
+    name: str  # the `data.format` value
+    # Driver side, cheap: probe cfg.path (fail fast, one clear DataError) -> (chunks, files).
+    plan: PlanFn
+    # Inside a read task: (chunk, cfg, file_base) -> (events, quarantine) Arrow tables, block by
+    # block; file_base = the file's index << FILE_SHIFT, added to row offsets as seq_no.
+    read: ReadFn
+    # The behavior token name (rec.data.schema.BEHAVIOR_TOKENS) serving gives request-history
+    # events, which carry item ids only: the format's plain interaction. Written to meta.json.
+    request_behavior: str
+    timestamp_kind: str = "unix"  # "unix" seconds, or "position" where the source has only order
+    # Writes the raw log (SyntheticConfig, directory) when cfg.path holds none yet; None: read.
+    generate: Callable[[SyntheticConfig, str | Path], None] | None = None
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    """Add `fmt` to FORMATS (its name becomes a valid `data.format`)."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"data format {fmt.name!r} is already registered")
+    if fmt.request_behavior not in BEHAVIOR_TOKENS:
+        raise ValueError(
+            f"format {fmt.name!r}: request_behavior={fmt.request_behavior!r} is not one of "
+            f"{sorted(BEHAVIOR_TOKENS)}"
+        )
+    if fmt.timestamp_kind not in ("unix", "position"):
+        raise ValueError(f"format {fmt.name!r}: timestamp_kind must be unix|position")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    """The registered format called `name`; a DataError naming the known ones otherwise."""
+    if name not in FORMATS:
+        raise DataError(f"data.format {name!r} is not one of {', '.join(FORMATS)}")
+    return FORMATS[name]
+
 
 @dataclass(frozen=True)
 class Plan:
-    """Chunks to read, plus facts about the source the later stages need."""
+    """Chunks to read and the files they come from (a chunk's index in `files` orders rows)."""
 
     chunks: list[Chunk]
     files: list[str]
-    timestamp_kind: str  # "unix" or "position"
 
 
 def plan(cfg: DataConfig) -> Plan:
     """Probe `cfg.path` for `cfg.format` and cut it into read chunks (driver side, cheap)."""
-    fmt = cfg.format
-    chunk_bytes = cfg.chunk_mb << 20
-    if fmt == "taobao":
-        files = _list_files(cfg.path, (".csv", ".csv.gz", ".txt", ".gz"))
-        for f in files:
-            _probe_delimited(f, ",", 5, "user_id,item_id,category_id,behavior_type,timestamp")
-        return Plan(_chunks_for(files, chunk_bytes), [str(f) for f in files], "unix")
-    if fmt == "amazon":
-        seq = check_file(cfg.path)
-        attributes_path(seq)  # must exist beside it
-        if not any(len(line.split()) >= 2 for line in head_lines(seq)):
-            raise DataError(f"{seq}: no line of the form 'user item item ...' (S3-Rec format)")
-        return Plan(_chunks_for([seq], chunk_bytes), [str(seq)], "position")
-    if fmt == "movielens":
-        data, _ = _movielens_members(cfg.path)
-        if not any(
-            len(line.split("\t")) == 4 for line in data.decode("latin-1").splitlines()[:200]
-        ):
-            raise DataError(f"{cfg.path}: u.data has no 'user<TAB>item<TAB>rating<TAB>ts' lines")
-        return Plan([Chunk(str(cfg.path), 0)], [str(cfg.path)], "unix")
-    if fmt in ("parquet", "synthetic"):
-        files = _list_files(cfg.path, (".parquet",))
-        chunks = []
-        for f in files:
-            n_groups = _parquet_groups(f)
-            chunks += [Chunk(str(f), len(chunks) + g, g, g + 1) for g in range(n_groups)]
-        return Plan(chunks, [str(f) for f in files], "unix")
-    raise DataError(
-        f"data.format {fmt!r} is not one of taobao, amazon, movielens, parquet, synthetic"
-    )
+    fmt = get_format(cfg.format)
+    chunks, files = fmt.plan(cfg)
+    return Plan(chunks, [str(f) for f in files])
 
 
 def read_chunk(
@@ -92,30 +118,46 @@ def read_chunk(
 ) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Yield (events, quarantine) Arrow tables for one chunk, block by block."""
     file_base = files.index(chunk.path) << FILE_SHIFT
+    yield from get_format(cfg.format).read(chunk, cfg, file_base)
+
+
+# ----------------------------------------------------------------------------- taobao
+
+
+def _plan_taobao(cfg: DataConfig) -> tuple[list[Chunk], list[Path | str]]:
+    files = _list_files(cfg.path, (".csv", ".csv.gz", ".txt", ".gz"))
+    for f in files:
+        _probe_delimited(f, ",", 5, "user_id,item_id,category_id,behavior_type,timestamp")
+    return _chunks_for(files, cfg.chunk_mb << 20), files
+
+
+def _read_taobao(chunk: Chunk, cfg: DataConfig, file_base: int):
     lo, hi = cfg.window()
-    fmt = cfg.format
-    if fmt in ("parquet", "synthetic"):
-        pf = pq.ParquetFile(chunk.path)
-        row_base = sum(pf.metadata.row_group(g).num_rows for g in range(chunk.start))
-        yield _parquet_rows(pf.read_row_group(chunk.start), chunk.path, row_base, file_base, lo, hi)
-        return
-    if fmt == "movielens":
-        yield _read_movielens(chunk.path, file_base, lo, hi)
-        return
-    item_attrs = _load_attributes(attributes_path(chunk.path)) if fmt == "amazon" else None
+    columns = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
     for offset, data in iter_blocks(chunk):
-        lines = lines_frame(data, offset, "utf-8")
-        if fmt == "taobao":
-            parsed = parse_delimited(
-                lines, ",", ["user_id", "item_id", "category_id", "behavior", "timestamp"]
-            )
-            parsed = parsed.with_columns(
-                pl.concat_list(pl.col("category_id")).alias("category_ids"),
-                pl.lit(None, pl.Float32).alias("value"),
-            )
-            parsed = validate_events(parsed, TAOBAO_BEHAVIORS, lo, hi)
-        else:
-            parsed = parse_amazon(lines, item_attrs)
+        parsed = parse_delimited(lines_frame(data, offset, "utf-8"), ",", columns)
+        parsed = parsed.with_columns(
+            pl.concat_list(pl.col("category_id")).alias("category_ids"),
+            pl.lit(None, pl.Float32).alias("value"),
+        )
+        yield split_valid(validate_events(parsed, TAOBAO_BEHAVIORS, lo, hi), chunk.path, file_base)
+
+
+# ----------------------------------------------------------------------------- amazon
+
+
+def _plan_amazon(cfg: DataConfig) -> tuple[list[Chunk], list[Path | str]]:
+    seq = check_file(cfg.path)
+    attributes_path(seq)  # must exist beside it
+    if not any(len(line.split()) >= 2 for line in head_lines(seq)):
+        raise DataError(f"{seq}: no line of the form 'user item item ...' (S3-Rec format)")
+    return _chunks_for([seq], cfg.chunk_mb << 20), [seq]
+
+
+def _read_amazon(chunk: Chunk, cfg: DataConfig, file_base: int):
+    item_attrs = _load_attributes(attributes_path(chunk.path))
+    for offset, data in iter_blocks(chunk):
+        parsed = parse_amazon(lines_frame(data, offset, "utf-8"), item_attrs)
         yield split_valid(parsed, chunk.path, file_base)
 
 
@@ -171,9 +213,16 @@ def _movielens_members(path: str | Path) -> tuple[bytes, bytes]:
         raise DataError(f"{path}: cannot read the MovieLens tarball ({err})") from None
 
 
-def _read_movielens(
-    path: str, file_base: int, lo: int | None, hi: int | None
-) -> tuple[pa.Table, pa.Table]:
+def _plan_movielens(cfg: DataConfig) -> tuple[list[Chunk], list[Path | str]]:
+    data, _ = _movielens_members(cfg.path)
+    if not any(len(line.split("\t")) == 4 for line in data.decode("latin-1").splitlines()[:200]):
+        raise DataError(f"{cfg.path}: u.data has no 'user<TAB>item<TAB>rating<TAB>ts' lines")
+    return [Chunk(str(cfg.path), 0)], [str(cfg.path)]  # chunk.path must equal files[i]
+
+
+def _read_movielens(chunk: Chunk, cfg: DataConfig, file_base: int):
+    """The whole (small) log is one chunk."""
+    path, (lo, hi) = chunk.path, cfg.window()
     data, item_bytes = _movielens_members(path)
     genres = pl.read_csv(
         io.BytesIO(item_bytes),
@@ -196,7 +245,27 @@ def _read_movielens(
         movie_genres, on="item_id", how="left"
     )
     parsed = validate_events(parsed, ("rating",), lo, hi)
-    return split_valid(parsed, path, file_base)
+    yield split_valid(parsed, path, file_base)
+
+
+# ----------------------------------------------------------------------------- parquet
+
+
+def _plan_parquet(cfg: DataConfig) -> tuple[list[Chunk], list[Path | str]]:
+    files = _list_files(cfg.path, (".parquet",))
+    chunks = []
+    for f in files:
+        n_groups = _parquet_groups(f)
+        chunks += [Chunk(str(f), len(chunks) + g, g, g + 1) for g in range(n_groups)]
+    return chunks, files
+
+
+def _read_parquet(chunk: Chunk, cfg: DataConfig, file_base: int):
+    """One row group per chunk."""
+    pf = pq.ParquetFile(chunk.path)
+    row_base = sum(pf.metadata.row_group(g).num_rows for g in range(chunk.start))
+    table = pf.read_row_group(chunk.start)
+    yield _parquet_rows(table, chunk.path, row_base, file_base, *cfg.window())
 
 
 def _parquet_rows(
@@ -264,3 +333,15 @@ def _parquet_groups(path: Path) -> int:
         return pq.ParquetFile(path).metadata.num_row_groups
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a readable parquet file ({err})") from None
+
+
+# ----------------------------------------------------------------------------- the registry
+
+register(Format("taobao", _plan_taobao, _read_taobao, request_behavior="pv"))
+register(Format("amazon", _plan_amazon, _read_amazon, "review", timestamp_kind="position"))
+register(Format("movielens", _plan_movielens, _read_movielens, request_behavior="rating_high"))
+register(Format("parquet", _plan_parquet, _read_parquet, request_behavior="pv"))
+# Generated Taobao-schema parquet (rec/data/synthetic.py), read like any parquet log.
+register(
+    Format("synthetic", _plan_parquet, _read_parquet, request_behavior="pv", generate=generate)
+)

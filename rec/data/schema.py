@@ -84,11 +84,3 @@ def engaged_mask() -> np.ndarray:
     mask = np.zeros(N_BEHAVIOR_TOKENS, dtype=bool)
     mask[list(ENGAGED_TOKENS)] = True
     return mask
-
-
-def empty_events() -> pa.Table:
-    return EVENT_SCHEMA.empty_table()
-
-
-def empty_quarantine() -> pa.Table:
-    return QUARANTINE_SCHEMA.empty_table()

@@ -55,19 +55,6 @@ def item_stats(events: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def merge_item_stats(partials: list[pl.DataFrame]) -> pl.DataFrame:
-    """Combine per-bucket item stats (in bucket order, so the result is deterministic)."""
-    if not partials:
-        return pl.DataFrame(
-            schema={"item_id": pl.Int64, "count": pl.Int64, "category_ids": pl.List(pl.Int64)}
-        )
-    return (
-        pl.concat(partials)
-        .group_by("item_id", maintain_order=True)
-        .agg(pl.col("count").sum(), pl.col("category_ids").first())
-    )
-
-
 def kcore_counts(
     events: pl.DataFrame, items: pl.DataFrame, k: int, min_user_events: int
 ) -> pl.DataFrame:

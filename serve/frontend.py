@@ -1,10 +1,12 @@
 """Request -> recommendation: the orchestration the HTTP ingress runs, without Ray.
 
-    front = Frontend(cfg, catalog, users, vectors, has_policy=False)
-    out = await front.recommend(RecommendRequest(history=[301, 775], k=10), LocalStages(...))
+    ctx = StageContext("outputs/beauty", serve_cfg, rerank_cfg)
+    front = Frontend(serve_cfg, rerank_cfg, ctx.catalog, users, vectors, has_policy=False)
+    out = await front.recommend(RecommendRequest(history=[301, 775], k=10), LocalStages(ctx))
 
-`Stages` is whatever runs retrieval, ranking and the policy: `LocalStages` calls the engine
-objects in this process (tests, benchmarks); serve/app.py passes Ray Serve handles.
+`Stages` is whatever runs the model stages of serve/stages.py (retriever, ranker, policy) by
+name: `LocalStages` calls them in this process (tests, benchmarks, `serve.fused`); serve/app.py
+passes `HandleStages` over Ray Serve deployment handles.
 
 Cold start: a request whose history (logged + given) has no known item gets the
 `cold_start_pool` most popular items re-ranked by the same re-ranker at lam = the request's
@@ -16,22 +18,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from rec.rerank import RerankConfig
 from serve.catalog import Catalog, UserHistories
 from serve.config import ServeConfig
-from serve.engine import (
-    HeadScorer,
-    QueryTower,
-    Ranked,
-    Retrieved,
-    popular_pool,
-    rerank_candidates,
-)
+from serve.engine import popular_pool, rerank_candidates
 from serve.schemas import RecommendRequest
+from serve.stages import STAGES, StageContext
 
 
 class RequestError(ValueError):
@@ -43,32 +39,24 @@ class RequestError(ValueError):
 
 
 class Stages(Protocol):
-    async def retrieve(self, history: np.ndarray, exclude: np.ndarray | None) -> Retrieved: ...
+    """Runs one request through a registered stage (serve.stages.STAGES) by its name."""
 
-    async def rank(self, retrieved: Retrieved) -> Ranked: ...
+    names: frozenset[str]  # the stages that are running (the policy only with a policy_dir)
 
-    async def choose_lam(self, history: np.ndarray, ranked: Ranked) -> float: ...
+    async def run(self, name: str, *args: Any) -> Any: ...
 
 
-@dataclass
 class LocalStages:
-    """The engine objects called in-process (policy: a serve.policy.PolicyScorer or None)."""
+    """Every registered stage built in this process from `ctx`, called with a batch of one."""
 
-    tower: QueryTower
-    scorer: HeadScorer
-    n_candidates: int
-    policy: object | None = None
+    def __init__(self, ctx: StageContext) -> None:
+        self.fns = {s.name: s.build(ctx) for s in STAGES if s.enabled(ctx)}
+        self.names = frozenset(self.fns)
 
-    async def retrieve(self, history: np.ndarray, exclude: np.ndarray | None) -> Retrieved:
-        return self.tower.retrieve([history], [exclude], self.n_candidates)[0]
-
-    async def rank(self, retrieved: Retrieved) -> Ranked:
-        return self.scorer.score([retrieved])[0]
-
-    async def choose_lam(self, history: np.ndarray, ranked: Ranked) -> float:
-        if self.policy is None:
-            raise RuntimeError("no policy configured")
-        return float(self.policy.choose([history], [ranked])[0])
+    async def run(self, name: str, *args: Any) -> Any:
+        if name not in self.fns:
+            raise RuntimeError(f"stage {name!r} is not running; running: {sorted(self.names)}")
+        return self.fns[name](*([arg] for arg in args))[0]
 
 
 @dataclass
@@ -86,20 +74,16 @@ class Frontend:
     def __init__(
         self,
         cfg: ServeConfig,
+        rerank: RerankConfig,
         catalog: Catalog,
         users: UserHistories,
         vectors: np.ndarray,
         has_policy: bool,
     ) -> None:
         """vectors (n_items + 1, D) float32: the item table the re-ranker's cosine uses."""
-        self.cfg, self.catalog, self.users = cfg, catalog, users
+        cfg.check_rerank(rerank)
+        self.cfg, self.rerank, self.catalog, self.users = cfg, rerank, catalog, users
         self.vectors, self.has_policy = vectors, has_policy
-        self.rerank_cfg = RerankConfig(
-            method=cfg.rerank_method,
-            similarity=cfg.similarity,
-            theta_max=cfg.theta_max,
-            n_candidates=cfg.n_candidates,
-        )
         self.pool, self.pool_scores = popular_pool(catalog.counts, cfg.cold_start_pool)
 
     def resolve(self, req: RecommendRequest) -> Resolved:
@@ -146,20 +130,20 @@ class Frontend:
         self, req: RecommendRequest, history: np.ndarray, stages: Stages, timings: dict
     ) -> tuple[np.ndarray, np.ndarray, float, str]:
         t = time.perf_counter()
-        got = await stages.retrieve(history, history if req.exclude_seen else None)
+        got = await stages.run("retriever", history, history if req.exclude_seen else None)
         timings["retrieve"], timings["retrieve_compute"] = _ms(t), round(got.compute_ms, 3)
         if not len(got.candidates):  # the whole catalogue is in the history: nothing to show
             if req.lam is not None:
                 return np.zeros(0, np.int64), np.zeros(0), req.lam, "request"
             return np.zeros(0, np.int64), np.zeros(0), self.cfg.default_lam, "default"
         t = time.perf_counter()
-        ranked = await stages.rank(got)
+        ranked = await stages.run("ranker", got)
         timings["rank"], timings["rank_compute"] = _ms(t), round(ranked.compute_ms, 3)
         t = time.perf_counter()
         if req.lam is not None:
             lam, source = req.lam, "request"
         elif self.has_policy:
-            lam, source = await stages.choose_lam(history, ranked), "policy"
+            lam, source = await stages.run("policy", history, ranked), "policy"
             timings["policy"] = _ms(t)
         else:
             lam, source = self.cfg.default_lam, "default"
@@ -180,12 +164,12 @@ class Frontend:
 
     def _rerank(self, cands: np.ndarray, scores: np.ndarray, k: int, lam: float) -> np.ndarray:
         """(N,) candidate indices and scores -> (min(k, N),) positions in re-ranked order."""
-        embedding = self.rerank_cfg.similarity == "embedding"
+        embedding = self.rerank.similarity == "embedding"
         return rerank_candidates(
             np.asarray(scores, dtype=np.float64),
             k,
             lam,
-            self.rerank_cfg,
+            self.rerank,
             vectors=self.vectors[cands] if embedding else None,
             cat_ids=None if embedding else self.catalog.categories[cands],
         )

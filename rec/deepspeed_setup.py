@@ -1,0 +1,75 @@
+"""DeepSpeed for one training worker (no Ray): process settings, the config dict, the engine.
+
+    worker_env(cfg, extensions_dir)                        # before DeepSpeed is imported
+    engine = deepspeed_engine(model, cfg, steps_per_epoch)  # AdamW + LR schedule, ZeRO stage
+
+With `train.deepspeed.offload_optimizer` DeepSpeed builds the optimizer itself
+(DeepSpeedCPUAdam, the step on the CPU) from the config dict, with its WarmupLR schedule;
+otherwise the engine wraps torch's AdamW and `rec.schedule.lr_lambda`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rec.schedule import lr_lambda
+from rec.train_config import TrainConfig
+
+
+def worker_env(cfg: TrainConfig, extensions_dir: str) -> None:
+    """DeepSpeed's accelerator and compiled-ops cache, and this worker's torch threads."""
+    if not cfg.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # read once, when deepspeed is first imported
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
+    torch.set_num_threads(cfg.threads_per_worker or max(1, round(cfg.cpus_per_worker + 0.49)))
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict:
+    """The DeepSpeed config dict: micro-batch, accumulation, clipping, ZeRO stage, precision."""
+    ds = cfg.deepspeed
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:  # DeepSpeed builds DeepSpeedCPUAdam for an offloaded AdamW
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        }
+        out["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0,
+                "warmup_max_lr": cfg.lr,
+                "warmup_num_steps": max(1, cfg.warmup_steps),
+            },
+        }
+    return out
+
+
+def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    """`deepspeed.initialize` on the process group Ray Train set up -> the engine (which calls
+    model.forward, backward and the optimizer step). Call `worker_env` first."""
+    import deepspeed  # here, after worker_env: DeepSpeed picks its accelerator at import
+
+    offload = cfg.deepspeed.offload_optimizer
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=None if offload else opt,
+        lr_scheduler=None if offload else sched,
+        model_parameters=model.parameters() if offload else None,
+        config=deepspeed_config(cfg),
+    )
+    return engine

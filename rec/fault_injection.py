@@ -1,0 +1,29 @@
+"""A test hook for fault tolerance (no Ray): one worker dies hard, once, at a chosen step.
+
+`train.inject_failure_at_step=7` makes rank 1 SIGKILL itself at optimizer step 7 of the first
+attempt; the run must then resume from its latest checkpoint with its step count intact
+(tests/test_train_ray.py). A marker file in the run's storage keeps restarts from dying again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def maybe_inject_failure(at_step: int | None, rank: int, step: int, storage: str) -> None:
+    """Kill this process if it is rank 1 at `at_step` and no earlier attempt did so."""
+    if at_step is None or rank != 1 or step != at_step:
+        return
+    marker = Path(storage) / "injected_failure"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
+    # worker dying sooner after a report can take that report's checkpoint with it, and the
+    # run then restarts one checkpoint earlier. Waiting makes the hook test resume, not luck.
+    time.sleep(5.0)
+    os.kill(os.getpid(), signal.SIGKILL)

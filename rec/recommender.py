@@ -1,0 +1,238 @@
+"""`Recommender`: one model, several roles, over the network of `rec.model`.
+
+The wrapper holds the network (`SeqRecModel`), the task heads and the losses of `rec.heads`:
+
+    rec = build_recommender(cfg, load_item_tables("data/beauty"))
+    total, metrics = rec(batch)       # training: the multi-task loss (what DeepSpeed calls)
+    scores = rec.score_next(batch)    # evaluation: (B, n_items + 1) next-item logits
+    h = rec.user_embedding(batch)     # serving, stage by stage on the same weights:
+    logits = rec.next_item_scores(h, batch.items, rec.item_table())     # retrieval
+    rel, div = rec.relevance_logits(h, vecs), rec.diversity_logits(h)  # ranking
+
+Inference reads the last position of each (left-padded) sequence; with `h` that state and
+`e_i` the item vector of item i (`SeqRecModel.item_vectors`):
+
+    interest   s_i = h . e_i / tau + r [i in the input]   (r: the learned repeat logit, 0 if off)
+    relevance  P(strong engagement with c) = sigmoid(MLP([h, e_c, h * e_c]))
+    diversity  P(the next item opens a new category) = sigmoid(MLP(h))
+
+`score_next`, `relevance` and `diversity` take a batch; the `*_logits` / `next_item_scores`
+methods take `h` and precomputed item vectors so serving can cache the item table and split
+retrieval from ranking without re-implementing any of this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rec.data.batch import Batch, trim_padding
+from rec.data.schema import ENGAGED_TOKENS
+from rec.data.splits import ItemTables
+from rec.heads import (
+    DiversityHead,
+    MultiTaskLoss,
+    RelevanceHead,
+    causal_history,
+    diversity_targets,
+    interest_full_loss,
+    interest_sampled_loss,
+    relevance_sampled_loss,
+)
+from rec.model import DataDims, ModelConfig, SeqRecModel, resolve_relevance_mode
+
+
+class Recommender(nn.Module):
+    """One model, several roles: `loss` for training, the rest for eval and serving.
+
+    Inference methods run under `torch.no_grad()`; call `.eval()` first to switch dropout off.
+    """
+
+    def __init__(self, cfg: ModelConfig, dims: DataDims, item_categories: torch.Tensor) -> None:
+        super().__init__()
+        self.cfg, self.dims = cfg, dims
+        self.model = SeqRecModel(cfg, dims, item_categories)
+        d = self.model.hidden_size
+        self.relevance_head = RelevanceHead(d)
+        self.diversity_head = DiversityHead(d)
+        self.multitask = MultiTaskLoss(
+            dataclasses.asdict(cfg.loss_weights), cfg.uncertainty_weighting
+        )
+        self.relevance_mode = resolve_relevance_mode(cfg, dims)
+        # The repeat-consumption logit r (rec.heads docstring); starts neutral.
+        # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
+        self.repeat_logit = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
+        engaged = torch.zeros(dims.n_behaviors, dtype=torch.bool)  # (n_behaviors,)
+        engaged[[t for t in ENGAGED_TOKENS if t < dims.n_behaviors]] = True
+        # Derived from code or data at train time, so kept out of checkpoints and exports.
+        self.register_buffer("engaged", engaged, persistent=False)
+        self.register_buffer("log_q", torch.zeros(dims.n_items + 1), persistent=False)
+        self.set_proposal(torch.zeros(dims.n_items + 1))
+
+    def set_proposal(self, counts: torch.Tensor, power: float = 1.0) -> None:
+        """Sampled-softmax proposal q(i) proportional to (counts[i] + 1) ** power, i >= 1.
+
+        counts: (n_items + 1,) training-set frequency per item (zeros give uniform). The +1
+        keeps every item sampleable so log q is finite for every target.
+        """
+        if counts.shape != (self.dims.n_items + 1,):
+            raise ValueError(
+                f"counts must have shape ({self.dims.n_items + 1},), got {counts.shape}"
+            )
+        weights = (counts.double().clamp(min=0) + 1.0) ** power  # (N + 1,)
+        weights[0] = 0.0  # padding is never a negative
+        q = weights / weights.sum()  # (N + 1,)
+        self.log_q.copy_(q.log().float())
+
+    # -- training ---------------------------------------------------------------------------
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training role (what DeepSpeed's engine calls): `loss(batch)`."""
+        return self.loss(batch)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats)."""
+        batch = trim_padding(batch)
+        mask = batch.targets > 0  # (B, T)
+        if not bool(mask.any()):
+            raise ValueError("batch has no targets (targets are all 0)")
+        weights = self.cfg.loss_weights
+        full = self.cfg.interest_loss == "full" and weights.interest > 0
+        table = self.model.item_embeddings() if full else None  # (N + 1, D), once per step
+        h = self.model(batch, table)[mask]  # (P, D)
+        targets = batch.targets[mask]  # (P,)
+        if table is not None:
+            target_vecs = F.embedding(targets, table)  # (P, D)
+        else:
+            target_vecs = self.model.item_vectors(targets)  # (P, D)
+        losses: dict[str, torch.Tensor] = {}
+        if weights.interest > 0:
+            history = causal_history(batch.items, mask) if self.repeat_logit is not None else None
+            losses["interest"] = self._interest_loss(h, target_vecs, targets, table, history)
+        if weights.relevance > 0:
+            behaviors = batch.target_behaviors[mask]  # (P,)
+            losses["relevance"] = self._relevance_loss(h, target_vecs, targets, behaviors)
+        if weights.diversity > 0:
+            labels = diversity_targets(
+                batch.items, batch.targets, self.model.item_categories, self.cfg.diversity_window
+            )[mask]  # (P,)
+            logits = self.diversity_head(h)  # (P,)
+            losses["diversity"] = F.binary_cross_entropy_with_logits(logits, labels)
+        return self.multitask(losses)
+
+    def _interest_loss(
+        self,
+        h: torch.Tensor,
+        target_vecs: torch.Tensor,
+        targets: torch.Tensor,
+        table: torch.Tensor | None,
+        history: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if table is not None:
+            return interest_full_loss(
+                h, table, targets, self.cfg.temperature, history, self.repeat_logit
+            )
+        neg_ids = torch.multinomial(self.log_q.exp(), self.cfg.n_negatives, replacement=True)
+        neg_vecs = self.model.item_vectors(neg_ids)  # (K, D)
+        return interest_sampled_loss(
+            h,
+            target_vecs,
+            targets,
+            neg_ids,
+            neg_vecs,
+            self.log_q,
+            self.cfg.temperature,
+            history,
+            self.repeat_logit,
+        )
+
+    def _relevance_loss(
+        self,
+        h: torch.Tensor,
+        target_vecs: torch.Tensor,
+        targets: torch.Tensor,
+        behaviors: torch.Tensor,
+    ) -> torch.Tensor:
+        pos_logits = self.relevance_head(h, target_vecs)  # (P,)
+        if self.relevance_mode == "graded":
+            labels = self.engaged[behaviors].float()  # (P,)
+            return F.binary_cross_entropy_with_logits(pos_logits, labels)
+        shape = (len(targets), self.cfg.relevance_negatives)
+        neg_ids = torch.randint(1, self.dims.n_items + 1, shape, device=h.device)  # (P, K)
+        neg_vecs = self.model.item_vectors(neg_ids)  # (P, K, D)
+        neg_logits = self.relevance_head(h.unsqueeze(1).expand_as(neg_vecs), neg_vecs)  # (P, K)
+        return relevance_sampled_loss(pos_logits, neg_logits, neg_ids != targets.unsqueeze(1))
+
+    # -- inference on a batch (evaluation) ---------------------------------------------------
+
+    @torch.no_grad()
+    def score_next(self, batch: Batch) -> torch.Tensor:
+        """Next-item scores `(B, n_items + 1)` at the last position; column 0 is -inf."""
+        table = self.item_table()  # (N + 1, D)
+        return self.next_item_scores(self.user_embedding(batch, table), batch.items, table)
+
+    @torch.no_grad()
+    def relevance(self, batch: Batch, candidates: torch.Tensor) -> torch.Tensor:
+        """P(strong engagement) `(B, N)` for candidate items `(B, N)` at the last position."""
+        vecs = self.model.item_vectors(candidates)  # (B, N, D)
+        return torch.sigmoid(self.relevance_logits(self.user_embedding(batch), vecs))
+
+    @torch.no_grad()
+    def diversity(self, batch: Batch) -> torch.Tensor:
+        """P(the next item opens a new category) `(B,)` at the last position."""
+        return torch.sigmoid(self.diversity_logits(self.user_embedding(batch)))  # (B,)
+
+    # -- inference stage by stage (serving) --------------------------------------------------
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor:
+        """Every item's vector `(n_items + 1, D)`; row 0 (padding) is zeros. Cache it to serve."""
+        return self.model.item_embeddings()
+
+    @torch.no_grad()
+    def user_embedding(self, batch: Batch, table: torch.Tensor | None = None) -> torch.Tensor:
+        """The last hidden state `h` `(B, D)`; table: `item_table()` if the caller has it."""
+        return self.model(trim_padding(batch), table)[:, -1]  # (B, D)
+
+    @torch.no_grad()
+    def next_item_scores(
+        self, h: torch.Tensor, items: torch.Tensor, table: torch.Tensor
+    ) -> torch.Tensor:
+        """Interest logits `(B, n_items + 1)`: h . e_i / tau + r [i in items[b]]; column 0 -inf.
+
+        h: (B, D) from `user_embedding`; items: (B, T) the input items (0 = padding), which get
+        the learned repeat logit r; table: (n_items + 1, D) from `item_table()`.
+        """
+        scores = (h / self.cfg.temperature) @ table.T  # (B, N + 1)
+        if self.repeat_logit is not None:  # items of the input get the learned repeat logit
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, items, True)
+            scores = scores + self.repeat_logit * seen  # (B, N + 1)
+        scores[:, 0] = float("-inf")
+        return scores
+
+    @torch.no_grad()
+    def relevance_logits(self, h: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
+        """Relevance-head logits `(B, N)` for user states h `(B, D)` and candidate item vectors
+        vecs `(B, N, D)` (rows of `item_table()`); sigmoid gives P(strong engagement)."""
+        return self.relevance_head(h.unsqueeze(1).expand_as(vecs), vecs)  # (B, N)
+
+    @torch.no_grad()
+    def diversity_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Diversity-head logits `(B,)` for user states h `(B, D)`; sigmoid gives P(new
+        category next)."""
+        return self.diversity_head(h)  # (B,)
+
+
+def build_recommender(cfg: ModelConfig, tables: ItemTables) -> Recommender:
+    """A fresh model sized for the prepared data, with the sampled-softmax proposal set."""
+    dims = DataDims(
+        n_items=tables.n_items,
+        n_categories=tables.meta["n_categories"],
+        has_engaged=tables.meta["has_engaged_behaviors"],
+    )
+    rec = Recommender(cfg, dims, torch.as_tensor(tables.categories))
+    rec.set_proposal(torch.as_tensor(tables.train_counts))
+    return rec

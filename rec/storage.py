@@ -1,0 +1,485 @@
+"""Local paths and URIs (s3://, gs://, abfs://, file://), resolved in one place.
+
+    fs, path = filesystem("s3://bucket/runs/r1")    # (pyarrow S3FileSystem, "bucket/runs/r1")
+    write_text(join(out, "summary.json"), text)      # out may be "runs/r1" or "s3://bucket/r1"
+    export = local_copy(join(out, "export"), cache)  # a local Path, copied once per content
+
+Every setting that names data or an artefact is a plain string: a local path (kept as
+given) or a URI. Code that needs the bytes goes through these functions; code that
+needs a real local directory (safetensors, DeepSpeed, torch) calls `local_copy` to read
+and writes into a temporary directory followed by `upload_dir` to publish.
+
+S3 settings come only from the standard AWS variables and files, as boto3 reads them:
+endpoint `AWS_ENDPOINT_URL_S3` > `AWS_ENDPOINT_URL` > the profile's `endpoint_url`
+(pyarrow's own S3 client ignores all three, so we pass `endpoint_override`); region
+`AWS_REGION` > `AWS_DEFAULT_REGION` > the profile's `region`; credentials are left to the
+AWS SDK's default chain (environment, `AWS_PROFILE` + ~/.aws files, web identity,
+instance profile). A URI that cannot be opened raises `StorageError` (a ValueError) with
+one line naming it. No Ray import here: Ray gets `(path, filesystem)` from `for_ray`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fnmatch
+import functools
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import pyarrow.fs as pafs
+
+from rec import aws_env
+
+if TYPE_CHECKING:
+    import polars as pl
+    import pyarrow as pa
+
+_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://(.*)$")
+# "s3:/bucket/x": what pathlib makes of "s3://bucket/x". Never a path anyone meant.
+_MANGLED_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
+_OBJECT_STORES = {"s3", "gs", "gcs", "abfs", "abfss"}
+_COPY_THREADS = 8
+_CHUNK = 8 << 20
+_GCS_RETRY_LIMIT = datetime.timedelta(seconds=60)
+
+
+class StorageError(ValueError):
+    """A path or URI that cannot be read or written; the message is one line naming it."""
+
+
+def is_uri(p: str | os.PathLike) -> bool:
+    """True for `scheme://...` (including file://); False for plain local paths."""
+    return isinstance(p, str) and _URI.match(p) is not None
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """`base/part/...` as a string; a URI keeps its `//`, a local path stays as given."""
+    if not is_uri(base):
+        _refuse_mangled(os.fspath(base))
+        return os.path.join(os.fspath(base), *parts)
+    out = str(base).rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def local_path(p: str | os.PathLike) -> Path:
+    """A local path as a Path; refuses URIs, so none ever becomes a folder named `s3:`."""
+    text = os.fspath(p)
+    if is_uri(text):
+        scheme = _URI.match(text).group(1).lower()
+        if scheme != "file":
+            raise StorageError(f"{text}: a URI where a local path is needed (use local_copy)")
+        return Path(pafs.FileSystem.from_uri(text)[1])
+    _refuse_mangled(text)
+    return Path(text).expanduser()
+
+
+def _refuse_mangled(text: str) -> None:
+    if _MANGLED_URI.match(text):
+        raise StorageError(
+            f"{text}: looks like a URI whose '//' was lost (passed through pathlib?)"
+        )
+
+
+def filesystem(p: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a URI.
+
+    Contacts nothing, except on AWS itself with no region configured, where it asks S3 for
+    the bucket's region once (as pyarrow's FileSystem.from_uri does).
+    """
+    text = os.fspath(p)
+    if not is_uri(text):
+        return pafs.LocalFileSystem(), os.path.abspath(local_path(text))
+    scheme, rest = _URI.match(text).groups()
+    scheme = scheme.lower()
+    try:
+        if scheme == "s3":
+            bucket = rest.split("/", 1)[0]
+            if not bucket:
+                raise StorageError(f"{text}: no bucket in the URI")
+            return _s3_filesystem(bucket), rest.rstrip("/")
+        if scheme in ("gs", "gcs"):
+            # pyarrow's default retries for 15 minutes, e.g. when no credentials are found
+            return pafs.GcsFileSystem(retry_time_limit=_GCS_RETRY_LIMIT), rest.rstrip("/")
+        if scheme in ("abfs", "abfss", "file", "hdfs", "viewfs"):
+            fs, path = pafs.FileSystem.from_uri(text)
+            return fs, path.rstrip("/") or path
+        return _fsspec_filesystem(scheme, text)
+    except StorageError:
+        raise
+    except (OSError, ValueError, ImportError) as e:
+        raise StorageError(f"{text}: cannot open: {_one_line(e)}") from e
+
+
+def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    endpoint = aws_env.s3_endpoint()
+    region = aws_env.region()
+    if region is None and endpoint is None:
+        region = _bucket_region(bucket)  # what FileSystem.from_uri does for AWS itself
+    kwargs: dict = {"endpoint_override": endpoint, "region": region}
+    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_region(bucket: str) -> str | None:
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return None  # let the SDK's default apply; the first real request names the error
+
+
+def _fsspec_filesystem(scheme: str, uri: str) -> tuple[pafs.FileSystem, str]:
+    import fsspec  # only for schemes pyarrow has no native filesystem for (memory://, az://)
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"\s*\(Request ID: [^)]*\)", "", text)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def _errors(uri: str, action: str) -> Iterator[None]:
+    """Turn pyarrow/OS errors into one StorageError line naming `uri`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as e:
+        if is_uri(uri):
+            check(uri)  # a missing bucket says so, rather than "not found"
+        raise StorageError(f"{uri}: not found (cannot {action})") from e
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{uri}: cannot {action}: {_one_line(e)}{_hint(uri)}") from e
+
+
+def _hint(uri: str) -> str:
+    if not is_uri(uri) or not uri.lower().startswith("s3://"):
+        return ""
+    endpoint = aws_env.s3_endpoint() or "AWS default"
+    creds = "" if aws_env.credentials_found() else ", no AWS credentials in env or ~/.aws"
+    return f" [endpoint {endpoint}, region {aws_env.region() or 'SDK default'}{creds}]"
+
+
+def check(p: str | os.PathLike) -> None:
+    """Fail now, with one line, if the bucket/container of a URI is missing or unreachable."""
+    text = os.fspath(p)
+    if not is_uri(text):
+        local_path(text)
+        return
+    fs, path = filesystem(text)
+    if _URI.match(text).group(1).lower() not in _OBJECT_STORES:
+        return
+    bucket = path.split("/", 1)[0]
+    with _errors(text, "reach the bucket"):
+        info = fs.get_file_info(bucket)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{text}: bucket {bucket!r} does not exist{_hint(text)}")
+
+
+def exists(p: str | os.PathLike) -> bool:
+    """True when a file or directory (prefix) exists; a missing bucket raises StorageError."""
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "stat"):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return True
+    check(text)
+    return False
+
+
+def makedirs(p: str | os.PathLike) -> None:
+    """mkdir -p for local paths; nothing on object stores (prefixes need no markers)."""
+    if is_uri(p) and _URI.match(os.fspath(p)).group(1).lower() != "file":
+        return
+    local_path(p).mkdir(parents=True, exist_ok=True)
+
+
+def read_bytes(p: str | os.PathLike) -> bytes:
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "read"), fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(p: str | os.PathLike, encoding: str = "utf-8") -> str:
+    return read_bytes(p).decode(encoding)
+
+
+def write_bytes(p: str | os.PathLike, data: bytes) -> None:
+    """Write a whole file: temp file + rename locally, one whole object on object stores."""
+    with open_output(p) as f:
+        f.write(data)
+
+
+def write_text(p: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    write_bytes(p, text.encode(encoding))
+
+
+def open_input(p: str | os.PathLike, decompress: bool = False) -> IO[bytes]:
+    """A readable binary stream; decompress=True unpacks by extension (.gz, .zst, .bz2)."""
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "open"):
+        return fs.open_input_stream(path, compression="detect" if decompress else None)
+
+
+@contextlib.contextmanager
+def open_output(p: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """Write into a local temp file; publish it only if the block succeeds.
+
+    Locally the temp file sits next to the target and is renamed over it; on an object
+    store it is uploaded as one object. A failed write leaves the old target untouched.
+    """
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    tmp_dir = os.path.dirname(path) if local else None
+    if local:
+        os.makedirs(tmp_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        if local:
+            os.replace(tmp, path)
+        else:
+            with _errors(text, "write"):
+                _copy_file(pafs.LocalFileSystem(), tmp, fs, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _copy_file(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: str) -> None:
+    with src_fs.open_input_stream(src) as fin, dst_fs.open_output_stream(dst) as fout:
+        while chunk := fin.read(_CHUNK):
+            fout.write(chunk)
+
+
+def _list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """Every file under `path` (recursive), or `path` itself when it is a file."""
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [info]
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+    return sorted(
+        (i for i in fs.get_file_info(selector) if i.type == pafs.FileType.File),
+        key=lambda i: i.path,
+    )
+
+
+def _relative(base: str, full: str) -> str:
+    return full[len(base) :].lstrip("/")
+
+
+def listdir(p: str | os.PathLike) -> list[str]:
+    """Direct children of a directory/prefix, as full paths/URIs in the form of `p`."""
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "list"):
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(join(text, _relative(path, i.path)) for i in infos)
+
+
+def glob(p: str | os.PathLike, pattern: str = "*.parquet") -> list[str]:
+    """Files under `p` (recursive) whose path relative to `p` matches `pattern`, sorted."""
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "list"):
+        infos = _list_files(fs, path)
+    rels = (_relative(path, i.path) for i in infos)
+    return [join(text, rel) for rel in rels if rel and fnmatch.fnmatch(rel, pattern)]
+
+
+def delete(p: str | os.PathLike) -> None:
+    """Remove a file or a whole directory/prefix; nothing if it does not exist."""
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "delete"):
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            fs.delete_file(path)
+        elif info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> int:
+    """Copy every file under `src` to the same relative path under `dst`; returns the count.
+
+    Object by object, in parallel, without the empty "dir/" marker objects that
+    pyarrow.fs.copy_files leaves on S3. Local destinations get their folders made.
+    """
+    src_text, dst_text = os.fspath(src), os.fspath(dst)
+    src_fs, src_path = filesystem(src_text)
+    dst_fs, dst_path = filesystem(dst_text)
+    with _errors(src_text, "list"):
+        files = _list_files(src_fs, src_path)
+    if not files:
+        check(src_text)
+        raise StorageError(f"{src_text}: not found (no files to copy)")
+    check(dst_text)
+    rels = [_relative(src_path, i.path) for i in files]
+    targets = [f"{dst_path}/{rel}" if rel else dst_path for rel in rels]
+    if isinstance(dst_fs, pafs.LocalFileSystem):
+        for target in {os.path.dirname(t) for t in targets}:
+            os.makedirs(target, exist_ok=True)
+
+    def one(pair: tuple[str, str]) -> None:
+        _copy_file(src_fs, pair[0], dst_fs, pair[1])
+
+    with _errors(src_text, f"copy to {dst_text}"), ThreadPoolExecutor(_COPY_THREADS) as pool:
+        list(pool.map(one, zip([i.path for i in files], targets, strict=True)))
+    return len(files)
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:
+    """Publish a local directory (an export, a checkpoint) under a path or URI."""
+    return copy_tree(local_dir, uri)
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
+    """Copy a directory/prefix into a local directory (see local_copy for a cached copy)."""
+    return copy_tree(uri, local_path(local_dir))
+
+
+def fingerprint(p: str | os.PathLike) -> str:
+    """A hash of the relative names, sizes and mtimes of every file under `p`."""
+    return _fingerprint(os.fspath(p))[0]
+
+
+def _fingerprint(text: str) -> tuple[str, bool]:
+    """(fingerprint, whether `text` is a single file); StorageError when nothing is there."""
+    fs, path = filesystem(text)
+    with _errors(text, "list"):
+        files = _list_files(fs, path)
+    if not files:
+        check(text)
+        raise StorageError(f"{text}: not found (nothing at this path)")
+    h = hashlib.sha256()
+    for i in files:
+        mtime = i.mtime_ns if i.mtime_ns is not None else -1
+        h.update(f"{_relative(path, i.path)}\t{i.size}\t{mtime}\n".encode())
+    return h.hexdigest()[:16], len(files) == 1 and files[0].path == path
+
+
+def local_copy(p: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
+    """A local Path holding the content of `p`, copied at most once per content.
+
+    Local paths come back as they are. For a URI the copy lives in
+    `cache_root/<name>-<hash of URI>-<fingerprint>`: it is made in a temporary folder and
+    renamed into place, so a partial copy is never returned; a lock file per URI makes
+    concurrent callers (replicas, workers on one node) wait for one copy instead of
+    making their own. A single-file URI returns the path of the copied file.
+    """
+    from filelock import FileLock
+
+    text = os.fspath(p)
+    if not is_uri(text) or _URI.match(text).group(1).lower() == "file":
+        return local_path(text)
+    root = local_path(cache_root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text.rstrip("/").rsplit("/", 1)[-1]) or "root"
+    key = hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:12]
+    content, is_file = _fingerprint(text)
+    final = root / f"{name}-{key}-{content}"
+    result = final / name if is_file else final
+    if final.is_dir():
+        return result
+    with FileLock(str(root / f".{key}.lock")):
+        if final.is_dir():  # another process finished while we waited
+            return result
+        for stale in root.glob(f".tmp-{key}-*"):  # left by a killed copier: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            copy_tree(text, tmp / name if is_file else tmp)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def read_parquet(p: str | os.PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    """A parquet file, or every parquet file under a directory/prefix, as one polars frame."""
+    import polars as pl
+
+    return pl.from_arrow(read_arrow(p, columns))
+
+
+def read_arrow(p: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Like read_parquet, as a pyarrow Table; goes through pyarrow with our filesystem."""
+    import pyarrow.dataset as pads
+
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    with _errors(text, "read parquet"):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            check(text)
+            raise FileNotFoundError(path)
+        return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def write_parquet(table: pl.DataFrame | pa.Table, p: str | os.PathLike) -> None:
+    """Write one parquet file, atomically (see open_output)."""
+    import pyarrow.parquet as pq
+
+    arrow = table if not hasattr(table, "to_arrow") else table.to_arrow()
+    with open_output(p) as f:
+        pq.write_table(arrow, f)
+
+
+def polars_storage_options(p: str | os.PathLike) -> dict[str, str] | None:
+    """storage_options for polars' own cloud reader (pl.scan_parquet), from the AWS settings.
+
+    Older polars releases ignore AWS_ENDPOINT_URL; passing it explicitly works in all.
+    """
+    text = os.fspath(p)
+    if not (is_uri(text) and _URI.match(text).group(1).lower() == "s3"):
+        return None
+    options = {"aws_endpoint_url": aws_env.s3_endpoint(), "aws_region": aws_env.region()}
+    return {k: v for k, v in options.items() if v} or None
+
+
+def for_ray(p: str | os.PathLike | list) -> tuple[str | list[str], pafs.FileSystem | None]:
+    """(path or paths, filesystem) for Ray: read_parquet/write_parquet(..., filesystem=fs)
+    and RunConfig(storage_path=path, storage_filesystem=fs).
+
+    URIs come back without their scheme plus the filesystem that carries endpoint and
+    region (it pickles to every worker); local paths come back absolute with None, so
+    Ray's behaviour on local paths is unchanged. A list must share one filesystem.
+    """
+    if isinstance(p, (list, tuple)):
+        pairs = [for_ray(x) for x in p]
+        kinds = {type(fs).__name__ for _, fs in pairs}
+        if len(kinds) > 1:
+            raise StorageError(f"{list(p)!r}: paths on different filesystems in one list")
+        return [path for path, _ in pairs], (pairs[0][1] if pairs else None)
+    text = os.fspath(p)
+    fs, path = filesystem(text)
+    return (path, None) if isinstance(fs, pafs.LocalFileSystem) else (path, fs)
+
+
+def to_uri(fs: pafs.FileSystem | None, path: str) -> str:
+    """The inverse of filesystem(): e.g. a Ray Checkpoint's (filesystem, path) as a URI."""
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        return path
+    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+    if scheme is None:
+        raise StorageError(f"{path}: no URI scheme known for filesystem {fs.type_name!r}")
+    return f"{scheme}://{path.lstrip('/')}"

@@ -1,0 +1,90 @@
+"""RLlib PPO training of the lam policy (the distributing layer, as rec/train.py is the ranker's).
+
+`fit` reads top to bottom: build the PPO algorithm (env runners on Ray, each building its
+simulator from the saved world with `rl.world.make_env`) -> iterate `train()` (sample
+episodes, optimise) -> log the episode return -> save the final RLModule, which loads
+without the Algorithm, its env runners or the simulator (`rl.policy.LamPolicy.load`).
+PPO: on-policy and stable with few knobs for a small discrete action (11 lam levels) and
+short episodes; no replay buffer to size. There is no early stop: PPO's last policy is the
+one kept, as the training return is measured on the training users only.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.algorithms.ppo import PPOConfig
+from ray.tune.registry import register_env
+
+from rec.rerank import RerankConfig
+from rl.config import EnvConfig
+from rl.policy import PolicyConfig
+from rl.world import make_env
+
+ENV_NAME = "raydiv-diversity-env"
+
+
+def fit(
+    cfg: PolicyConfig,
+    world_path: Path,
+    env_cfg: EnvConfig,
+    users: np.ndarray,
+    module_dir: Path,
+    rerank_cfg: RerankConfig | None = None,
+) -> list[dict]:
+    """Train PPO on the current Ray cluster for `cfg.iterations` on the world saved at
+    world_path (rl.world.save_world), episodes drawn from `users` (training users only); save
+    the final RLModule to module_dir. -> the training curve, one dict per iteration."""
+    spec = {
+        "world": str(Path(world_path).resolve()),
+        "env": asdict(env_cfg),
+        "rerank": asdict(rerank_cfg or RerankConfig()),  # how the env re-ranks its slates
+        "users": np.asarray(users).tolist(),
+        "seed": cfg.seed,
+    }
+    algo = build_ppo(cfg, spec)
+    curve = []
+    for it in range(1, cfg.iterations + 1):
+        runners = algo.train().get("env_runners", {})  # sample -> optimise
+        row = {
+            "iteration": it,
+            "episode_return_mean": float(runners.get("episode_return_mean", float("nan"))),
+            "episode_len_mean": float(runners.get("episode_len_mean", float("nan"))),
+            "env_steps": int(runners.get("num_env_steps_sampled_lifetime", 0)),
+        }
+        curve.append(row)
+        print(
+            f"iter {it:3d}  return {row['episode_return_mean']:7.3f}  "
+            f"len {row['episode_len_mean']:5.2f}  steps {row['env_steps']}",
+            flush=True,
+        )
+    shutil.rmtree(module_dir, ignore_errors=True)
+    algo.get_module().save_to_path(str(Path(module_dir).resolve()))
+    algo.stop()
+    return curve
+
+
+def build_ppo(cfg: PolicyConfig, spec: dict) -> Algorithm:
+    """PPO on the new API stack, env runners created from `spec` (rl.world.make_env)."""
+    register_env(ENV_NAME, make_env)
+    config = (
+        PPOConfig()
+        .environment(ENV_NAME, env_config=spec)
+        .env_runners(num_env_runners=cfg.num_env_runners, num_cpus_per_env_runner=0.5)
+        .learners(num_learners=0)
+        .training(
+            train_batch_size_per_learner=cfg.train_batch_size,
+            minibatch_size=cfg.minibatch_size,
+            num_epochs=cfg.num_epochs,
+            lr=cfg.lr,
+            gamma=cfg.gamma,
+            entropy_coeff=cfg.entropy_coeff,
+        )
+        .rl_module(model_config={"fcnet_hiddens": list(cfg.hidden), "vf_share_layers": False})
+        .debugging(seed=cfg.seed)
+    )
+    return config.build_algo()
