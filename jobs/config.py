@@ -41,7 +41,8 @@ class PipelineConfig:
 
 @dataclass
 class RunConfig:
-    # Where this run writes (prepare: the prepared data, stats.json, vocabularies).
+    # Where this run writes (prepare: the prepared data, stats.json, vocabularies). Every path
+    # setting is a local path or a URI (s3://bucket/runs/r1, gs://, abfs://; rec/storage.py).
     output_dir: str = "outputs/smoke"
     # A train job's output_dir (its export/ and data/), read by evaluate, train_policy, serve.
     model_dir: str | None = None

@@ -1,4 +1,4 @@
-"""The relevance-diversity frontier of a trained model: no re-ranking, MMR and DPP over a lam grid.
+r"""The relevance-diversity frontier of a trained model: no re-ranking, MMR and DPP over a lam grid.
 
     python -m jobs.evaluate --config jobs/configs/beauty.yaml model_dir=outputs/beauty \
         output_dir=outputs/frontier_beauty [frontier.similarity=category] [frontier.max_users=2000]
@@ -26,8 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import main_guard, parse_args, prepared_dir
+from jobs.common import check_locations, main_guard, parse_args, prepared_dir
 from jobs.config import RunConfig
+from rec import storage
 from rec.config_loader import ConfigError
 from rec.frontier import compute_frontier
 
@@ -38,20 +39,21 @@ LABEL_OFFSETS = {"mmr": (4, -10, "left"), "dpp": (-4, 5, "right")}  # points, la
 def run(cfg: RunConfig) -> dict:
     if not cfg.model_dir:
         raise ConfigError("model_dir: required (a train job's output_dir, with export/ and data/)")
-    model_dir = Path(cfg.model_dir)
-    export = model_dir / "export"
-    prepared = prepared_dir(cfg, model_dir)
-    for path, what in ((export, "export"), (prepared / "meta.json", "prepared data")):
-        if not path.exists():
+    check_locations(cfg)
+    export = storage.join(cfg.model_dir, "export")  # local paths or URIs (rec/storage.py)
+    prepared = prepared_dir(cfg, cfg.model_dir)
+    for path, what in ((export, "export"), (storage.join(prepared, "meta.json"), "prepared data")):
+        if not storage.exists(path):
             raise ConfigError(f"model_dir: no {what} at {str(path)!r}")
-    result = compute_frontier(export, prepared, cfg.frontier, cfg.rerank)
-    result["model_dir"] = str(model_dir)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_frontier(result, out / "frontier.png")
+    local_export = storage.local_copy(export, storage.default_cache())
+    result = compute_frontier(local_export, prepared, cfg.frontier, cfg.rerank)
+    result["model_dir"] = cfg.model_dir
+    with storage.staged_dir(cfg.output_dir) as out:  # uploaded at the end to a URI
+        (out / "frontier.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_frontier(result, out / "frontier.png")
     print(format_table(result))
-    print(f"[evaluate] wrote {out / 'frontier.json'} and {out / 'frontier.png'}")
+    written = [storage.join(cfg.output_dir, f) for f in ("frontier.json", "frontier.png")]
+    print(f"[evaluate] wrote {written[0]} and {written[1]}")
     return result
 
 

@@ -1,4 +1,4 @@
-"""The whole system in one job: prepare -> train -> evaluate (frontier) -> train_policy -> serve.
+r"""The whole system in one job: prepare -> train -> evaluate (frontier) -> train_policy -> serve.
 
     python -m jobs.pipeline --config jobs/configs/smoke.yaml          # = make run
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
@@ -21,41 +21,46 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
-import polars as pl
 
 from jobs import evaluate, prepare, train, train_policy
 from jobs import serve as serve_job
-from jobs.common import RayConfig, main_guard, parse_args
+from jobs.common import RayConfig, check_locations, main_guard, parse_args
 from jobs.config import RunConfig
+from rec import storage
 from rec.config_loader import ConfigError
 
 
 def run(cfg: RunConfig) -> dict:
     pc = cfg.pipeline
-    out = Path(cfg.output_dir).resolve()
-    model_dir, frontier_dir, policy_dir = out / "model", out / "frontier", out / "policy"
+    check_locations(cfg)
+    out = storage.absolute(cfg.output_dir)  # a local path or a URI: stages get strings
+    join = storage.join
+    model_dir, frontier_dir, policy_dir = (
+        join(out, "model"),
+        join(out, "frontier"),
+        join(out, "policy"),
+    )
     done = {  # a stage's result, whose presence lets `resume` skip it
-        "prepare": model_dir / "data" / "meta.json",
-        "train": model_dir / "metrics.json",
-        "evaluate": frontier_dir / "frontier.json",
-        "policy": policy_dir / "policy_eval.json",
+        "prepare": join(model_dir, "data", "meta.json"),
+        "train": join(model_dir, "metrics.json"),
+        "evaluate": join(frontier_dir, "frontier.json"),
+        "policy": join(policy_dir, "policy_eval.json"),
     }
     runs = {
-        "prepare": lambda: prepare.run(replace(cfg, output_dir=str(model_dir / "data"))),
-        "train": lambda: train.run(replace(cfg, output_dir=str(model_dir))),
+        "prepare": lambda: prepare.run(replace(cfg, output_dir=join(model_dir, "data"))),
+        "train": lambda: train.run(replace(cfg, output_dir=model_dir)),
         "evaluate": lambda: evaluate.run(
-            replace(cfg, model_dir=str(model_dir), output_dir=str(frontier_dir))
+            replace(cfg, model_dir=model_dir, output_dir=frontier_dir)
         ),
         "policy": lambda: train_policy.run(
-            replace(cfg, model_dir=str(model_dir), output_dir=str(policy_dir))
+            replace(cfg, model_dir=model_dir, output_dir=policy_dir)
         ),
     }
     seconds: dict[str, float] = {}
     for stage, fn in runs.items():
-        if stage in pc.skip or (pc.resume and done[stage].is_file()):
+        if stage in pc.skip or (pc.resume and storage.exists(done[stage])):
             print(f"[pipeline] {stage}: skipped ({'config' if stage in pc.skip else 'done'})")
             continue
         t0 = time.perf_counter()
@@ -65,7 +70,7 @@ def run(cfg: RunConfig) -> dict:
     summary = summarise(done, seconds)
     if "serve" not in pc.skip:
         summary |= deploy_and_probe(cfg, model_dir, policy_dir)
-    (out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_text(join(out, "pipeline_summary.json"), json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     if "serve" not in pc.skip:
         print(f"[pipeline] try it:\n{summary['curl']}\n[pipeline] answer: {summary['answer']}")
@@ -75,11 +80,11 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
-def summarise(done: dict[str, Path], seconds: dict[str, float]) -> dict:
+def summarise(done: dict[str, str], seconds: dict[str, float]) -> dict:
     """The headline numbers of each stage that has a result."""
     out: dict = {"stage_seconds": seconds}
-    if done["train"].is_file():
-        m = json.loads(done["train"].read_text())
+    if storage.exists(done["train"]):
+        m = json.loads(storage.read_text(done["train"]))
         keys = (
             "test.ndcg@10",
             "test.recall@10",
@@ -89,10 +94,10 @@ def summarise(done: dict[str, Path], seconds: dict[str, float]) -> dict:
             "parameters",
         )
         out["quality"] = {k: m[k] for k in keys if k in m}
-    if done["evaluate"].is_file():
-        out["frontier"] = json.loads(done["evaluate"].read_text()).get("summary")
-    if done["policy"].is_file():
-        p = json.loads(done["policy"].read_text())
+    if storage.exists(done["evaluate"]):
+        out["frontier"] = json.loads(storage.read_text(done["evaluate"])).get("summary")
+    if storage.exists(done["policy"]):
+        p = json.loads(storage.read_text(done["policy"]))
         keys = (
             "policy.mean_return",
             "best_fixed.lam",
@@ -104,12 +109,12 @@ def summarise(done: dict[str, Path], seconds: dict[str, float]) -> dict:
     return out
 
 
-def deploy_and_probe(cfg: RunConfig, model_dir: Path, policy_dir: Path) -> dict:
+def deploy_and_probe(cfg: RunConfig, model_dir: str, policy_dir: str) -> dict:
     """Deploy the app (not blocking) and send it one real request."""
-    if not (model_dir / "export").is_dir():
+    if not storage.exists(storage.join(model_dir, "export")):
         raise ConfigError(f"serve needs a trained model at {model_dir}/export (run train)")
-    policy = str(policy_dir) if (policy_dir / "policy.json").is_file() else None
-    url = serve_job.run(replace(cfg, model_dir=str(model_dir), policy_dir=policy), block=False)
+    policy = policy_dir if storage.exists(storage.join(policy_dir, "policy.json")) else None
+    url = serve_job.run(replace(cfg, model_dir=model_dir, policy_dir=policy), block=False)
     body = {"user_id": _example_user(model_dir), "k": 10}
     answer = httpx.post(f"{url}/recommend", json=body, timeout=60).json()
     curl = f"curl -s {url}/recommend -H 'content-type: application/json' -d '{json.dumps(body)}'"
@@ -118,9 +123,9 @@ def deploy_and_probe(cfg: RunConfig, model_dir: Path, policy_dir: Path) -> dict:
     return {"endpoint": url, "curl": curl, "answer": short}
 
 
-def _example_user(model_dir: Path) -> int:
+def _example_user(model_dir: str) -> int:
     """A real user of the test split: the request then uses their logged history."""
-    test = pl.read_parquet(model_dir / "data" / "test" / "*.parquet", columns=["user_id"])
+    test = storage.read_parquet(storage.join(model_dir, "data", "test"), columns=["user_id"])
     return int(test["user_id"].min())
 
 

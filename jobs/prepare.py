@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from jobs.common import init_ray, main_guard, parse_args
+from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
+from rec import storage
 from rec.ray_prepare import prepare
 
 
 def run(cfg: RunConfig) -> dict:
+    check_locations(cfg)
     init_ray(cfg.ray)
     stats = prepare(cfg.data, cfg.output_dir)
     print(json.dumps(stats, indent=2))
-    print(f"[prepare] wrote {Path(cfg.output_dir).resolve()}")
+    print(f"[prepare] wrote {storage.absolute(cfg.output_dir)}")
     return stats
 
 

@@ -1,4 +1,4 @@
-"""Serve the trained recommender (and the RL lam policy) over HTTP with Ray Serve.
+r"""Serve the trained recommender (and the RL lam policy) over HTTP with Ray Serve.
 
     python -m jobs.serve --config jobs/configs/beauty.yaml model_dir=outputs/beauty \
         policy_dir=outputs/policy
@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from jobs.common import init_ray, main_guard, parse_args
+from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from rec.config_loader import ConfigError
 
@@ -29,12 +29,16 @@ def run(cfg: RunConfig, block: bool = True) -> str:
 
     if cfg.model_dir is None:
         raise ConfigError("model_dir is required: a train job's output_dir (with export/)")
+    check_locations(cfg)  # a URI whose bucket cannot be reached: one line, exit 2
     try:
         app = build_app(cfg.serve, cfg.rerank, cfg.model_dir, cfg.policy_dir)
     except ValueError as err:  # missing artifacts: a config problem, not a crash
         raise ConfigError(str(err)) from None
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(
+        proxy_location=cfg.serve.proxy_location,
+        http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+    )
     serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"[serve] {cfg.serve.app_name} at {url} (docs: {url}/docs)", flush=True)

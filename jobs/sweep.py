@@ -12,11 +12,11 @@ Each trial is a function trainable that runs `rec.train.fit` (Ray 2.60 refuses
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rec import storage
 from rec.model import LossWeights, ModelConfig
 
 if TYPE_CHECKING:  # jobs.config imports SweepConfig from here
@@ -63,8 +63,9 @@ def sweep(cfg: RunConfig) -> tuple[dict, RunConfig]:
     from jobs.training import train_spec
     from rec.train import SCORE
 
-    out = Path(cfg.output_dir).resolve()
-    base = train_spec(cfg, storage_dir=out / "trials")
+    out = storage.absolute(cfg.output_dir)  # a local path or a URI
+    base = train_spec(cfg, storage_dir=storage.join(out, "trials"))
+    tune_path, tune_fs = storage.for_ray(storage.join(out, "tune"))
     trainable = tune.with_resources(lambda params: _trial(base, params["trial"]), {"cpu": 0.01})
     tuner = tune.Tuner(
         trainable,
@@ -82,7 +83,7 @@ def sweep(cfg: RunConfig) -> tuple[dict, RunConfig]:
                 reduction_factor=cfg.tune.reduction_factor,
             ),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(out / "tune")),
+        run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs),
     )
     grid = tuner.fit()
     best = grid.get_best_result(metric=SCORE, mode="max")
@@ -131,7 +132,7 @@ def _trial(base: TrainSpec, params: dict) -> None:
         base,
         model=_model(base.model, params),
         train=replace(base.train, lr=params["lr"]),
-        storage_dir=str(Path(base.storage_dir) / trial),
+        storage_dir=storage.join(base.storage_dir, trial),
     )
     fit(spec, name="train", callbacks=[TuneReportCallback()])
 

@@ -12,14 +12,13 @@ Prepares the data into <output_dir>/data first if it is not there. Writes:
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
-from pathlib import Path
 
-from jobs.common import init_ray, main_guard, parse_args
+from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from jobs.training import final_test_metrics, publish_best, train_spec
+from rec import storage
 from rec.data.splits import load_item_tables
 from rec.train import describe, fit
 
@@ -27,26 +26,28 @@ SUMMARY_PREFIXES = ("test.", "popular.test.", "best.valid.")  # the metrics prin
 
 
 def run(cfg: RunConfig) -> dict:
+    check_locations(cfg)
     init_ray(cfg.ray)
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir).resolve()
-    spec = train_spec(cfg, storage_dir=out / "ray")
-    prepared = Path(spec.prepared_dir)
+    out = storage.absolute(cfg.output_dir)  # a local path or a URI (s3://...)
+    spec = train_spec(cfg, storage_dir=storage.join(out, "ray"))
+    prepared = spec.prepared_dir
     # A fresh run each time: Ray Train would otherwise continue an earlier run stored under
     # the same name. To continue one on purpose, pass train.resume_from=<checkpoint dir>.
-    shutil.rmtree(out / "ray" / "train", ignore_errors=True)
+    storage.delete(storage.join(out, "ray", "train"))
     info = describe(spec, load_item_tables(prepared))
     print(f"[train] {info['parameters']:,} parameters; data {prepared}", flush=True)
     result = fit(spec)
     if result.error:
         raise result.error
-    export = publish_best(result, prepared, out / "export")
+    export = publish_best(result, prepared, storage.join(out, "export"))
     metrics = final_test_metrics(export, prepared, cfg.train.eval_batch_size)
     metrics |= {"parameters": info["parameters"], "seconds": round(time.perf_counter() - t0, 1)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    metrics_path = storage.join(out, "metrics.json")
+    storage.write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True))
     summary = {k: v for k, v in metrics.items() if k.startswith(SUMMARY_PREFIXES)}
     print(json.dumps(summary, indent=2))
-    print(f"[train] wrote {out / 'metrics.json'} and the serving export {export}")
+    print(f"[train] wrote {metrics_path} and the serving export {export}")
     return metrics
 
 

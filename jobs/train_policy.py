@@ -1,4 +1,4 @@
-"""Learn a policy that picks the DPP diversity weight lam per slate, with RLlib PPO.
+r"""Learn a policy that picks the DPP diversity weight lam per slate, with RLlib PPO.
 
     python -m jobs.train_policy --config jobs/configs/beauty.yaml \
         model_dir=outputs/beauty output_dir=outputs/policy_beauty
@@ -17,10 +17,10 @@ Expect a few minutes on 2 CPUs with the default 40 iterations.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from jobs.common import init_ray, main_guard, parse_args
+from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
+from rec import storage
 from rec.config_loader import ConfigError
 from rl.arms import split_users
 from rl.calibrate import apply_calibration
@@ -33,12 +33,21 @@ from rl.world import build_world, load_world, save_world
 def run(cfg: RunConfig) -> dict:
     if not cfg.model_dir:
         raise ConfigError("model_dir=DIR is required (a jobs.train output directory)")
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_locations(cfg)
+    with storage.staged_dir(cfg.output_dir) as out:  # a local folder, uploaded to a URI at the end
+        report = _run(cfg, out)
+    published = [storage.join(cfg.output_dir, n) for n in ("policy_eval.json", MODULE_DIR)]
+    print(f"wrote {', '.join(published)} and policy_eval.png, policy.json, world.npz")
+    return report
+
+
+def _run(cfg: RunConfig, out) -> dict:
     pc = cfg.policy
     t0 = time.time()
     world = build_world(cfg.model_dir, cfg.world)
     world_path = save_world(world, out / "world.npz")
+    # Env runners (on any node) read the world from where it is published.
+    world_ref = _publish_world(world_path, cfg.output_dir)
     env_cfg, changed = apply_calibration(
         cfg.env,
         world.calibration,
@@ -53,7 +62,7 @@ def run(cfg: RunConfig) -> dict:
     )
 
     init_ray(cfg.ray)
-    curve = fit(pc, world_path, env_cfg, train_users, out / MODULE_DIR, cfg.rerank)
+    curve = fit(pc, world_ref, env_cfg, train_users, out / MODULE_DIR, cfg.rerank)
     write_policy_meta(
         out, env_cfg, {"algorithm": "PPO", "calibrated": changed, "model_dir": str(cfg.model_dir)}
     )
@@ -63,15 +72,23 @@ def run(cfg: RunConfig) -> dict:
         data, env_cfg, eval_users, policy.arm(), pc.eval_episodes, pc.seed + 10_000, cfg.rerank
     )
     report["seconds"] = round(time.time() - t0, 1)
-    json_path, png_path = write_report(report, curve, out)
+    write_report(report, curve, out)
     print(
         f"policy {report['policy.mean_return']:.3f} vs best fixed lam "
         f"{report['best_fixed.lam']:.1f} {report['best_fixed.mean_return']:.3f}: gain "
         f"{100 * report['gain_over_best_fixed']:+.1f}% (paired 95% CI "
         f"{[round(100 * g, 1) for g in report['gain_over_best_fixed_paired_ci95']]}%)"
     )
-    print(f"wrote {json_path}, {png_path}, {out / MODULE_DIR}")
     return report
+
+
+def _publish_world(world_path, output_dir: str) -> str:
+    """The world file as env runners should read it: the local file, or its copy on the URI."""
+    if not storage.is_uri(output_dir):
+        return str(world_path)
+    uri = storage.join(output_dir, "world.npz")
+    storage.copy_tree(world_path, uri)
+    return uri
 
 
 def main(argv: list[str] | None = None) -> int:

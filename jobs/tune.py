@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from jobs.common import init_ray, main_guard, parse_args
+from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from jobs.sweep import sweep
+from rec import storage
 from rec.config_loader import dump_yaml
 
 
 def run(cfg: RunConfig) -> dict:
+    check_locations(cfg)
     init_ray(cfg.ray)
-    out = Path(cfg.output_dir).resolve()
+    out = storage.absolute(cfg.output_dir)  # a local path or a URI
     report, best_cfg = sweep(cfg)
-    dump_yaml(best_cfg, out / "best.yaml")
-    (out / "tune_results.json").write_text(json.dumps(report, indent=2))
+    dump_yaml(best_cfg, storage.join(out, "best.yaml"))
+    storage.write_text(storage.join(out, "tune_results.json"), json.dumps(report, indent=2))
     print(json.dumps(report["best"], indent=2))
-    print(f"[tune] best config: {out / 'best.yaml'}")
+    print(f"[tune] best config: {storage.join(out, 'best.yaml')}")
     return report
 
 

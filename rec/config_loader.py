@@ -86,7 +86,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write a config as YAML to a local path or a URI (rec/storage.py)."""
+    from rec import storage
+
+    storage.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -10,18 +10,18 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
+
+from rec import storage
 
 
-def maybe_inject_failure(at_step: int | None, rank: int, step: int, storage: str) -> None:
+def maybe_inject_failure(at_step: int | None, rank: int, step: int, storage_dir: str) -> None:
     """Kill this process if it is rank 1 at `at_step` and no earlier attempt did so."""
     if at_step is None or rank != 1 or step != at_step:
         return
-    marker = Path(storage) / "injected_failure"
-    if marker.exists():
+    marker = storage.join(storage_dir, "injected_failure")  # a local path or a URI
+    if storage.exists(marker):
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
+    storage.write_text(marker, str(step))
     # Ray Train's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a
     # worker dying sooner after a report can take that report's checkpoint with it, and the
     # run then restarts one checkpoint earlier. Waiting makes the hook test resume, not luck.

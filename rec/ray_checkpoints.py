@@ -20,6 +20,7 @@ import ray.train
 import torch
 from ray.train import Checkpoint
 
+from rec import storage
 from rec.export import save_export
 
 CKPT_TAG = "ds"  # DeepSpeed checkpoint tag (a subdirectory; "latest" is its pointer file)
@@ -31,7 +32,8 @@ def restore(engine, resume_from: str | None) -> dict:
     state = {"epoch": 0, "step": 0, "best": float("-inf"), "bad_evals": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and resume_from:
-        ckpt = Checkpoint(resume_from)
+        path, fs = storage.for_ray(resume_from)  # a local path or a URI
+        ckpt = Checkpoint(path, filesystem=fs)
     if ckpt is None:
         return state
     with ckpt.as_directory() as d:

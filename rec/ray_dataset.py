@@ -15,6 +15,7 @@ from pathlib import Path
 import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from rec import storage
 from rec.data.batch import Batch, collate, make_examples
 from rec.data.outputs import SPLITS
 
@@ -30,15 +31,15 @@ def training_dataset(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    prepared_dir = Path(prepared_dir)
-    meta_path = prepared_dir / "meta.json"
-    if not meta_path.is_file():
+    meta_path = storage.join(prepared_dir, "meta.json")
+    if not storage.exists(meta_path):
         raise FileNotFoundError(f"{prepared_dir}: no meta.json; run jobs.prepare into it first")
     if max_len is None:
-        max_len = json.loads(meta_path.read_text())["max_len"]
+        max_len = json.loads(storage.read_text(meta_path))["max_len"]
     # Small CPU shares: reading and padding are light, and whole-CPU tasks would wait forever
     # behind Train workers (and Tune trials) holding fractions of a 2-CPU machine.
-    ds = ray.data.read_parquet(str(prepared_dir / split), num_cpus=DATA_TASK_CPUS)
+    path, fs = storage.for_ray(storage.join(prepared_dir, split))
+    ds = ray.data.read_parquet(path, filesystem=fs, num_cpus=DATA_TASK_CPUS)
     return ds.map_batches(
         make_examples, batch_format="numpy", fn_kwargs={"max_len": max_len}, num_cpus=DATA_TASK_CPUS
     )

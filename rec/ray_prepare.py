@@ -11,14 +11,17 @@ Stages (each a Ray Data job over many tasks; the driver only sees small summarie
                 to train/ valid/ test/
 
 Per-user work runs with polars inside each task: a generic Ray Data groupby by user is ~30x
-slower here (see STACK.md), and a user never spans two buckets. On a multi-node cluster the
-output directory must be on storage every node sees (e.g. NFS/EFS).
+slower here (see STACK.md), and a user never spans two buckets. `data.path` and the output
+directory may be local paths or URIs (s3://...; rec/storage.py): every file, the work files
+_staging/ _clean/ _errors/ included, goes through storage, so on a multi-node cluster tasks on
+any node read what tasks on other nodes wrote when the output is on object storage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +30,10 @@ import polars as pl
 import pyarrow as pa
 import ray
 
+from rec import storage
 from rec.data import outputs, readers, sequences
 from rec.data.config import DataConfig
-from rec.data.textio import DataError
+from rec.data.textio import DataError, file_size
 
 BUCKET_BYTES = 64 << 20  # raw input bytes per user bucket, roughly
 MERGE_EVERY = 16  # partial item-stat tables merged on the driver at a time
@@ -38,7 +42,9 @@ MERGE_EVERY = 16  # partial item-stat tables merged on the driver at a time
 def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
     """Run the pipeline into `output_dir`; return the stats written to stats.json."""
     t0 = time.perf_counter()
-    out = Path(output_dir).resolve()
+    out = storage.absolute(output_dir)
+    if cfg.path:
+        storage.check(cfg.path)
     outputs.reset_output(out)
     try:
         fmt = readers.get_format(cfg.format)
@@ -50,7 +56,9 @@ def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
             f"{len(plan.chunks)} read chunks from {len(plan.files)} file(s), {n_buckets} user buckets"
         )
         _ingest(plan, cfg, out, n_buckets)
-        buckets = sorted(int(p.name.split("=")[1]) for p in (out / "_staging").glob("bucket=*"))
+        staged = storage.listdir(storage.join(out, "_staging"))
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in staged]
+        buckets = sorted(int(n.split("=")[1]) for n in names if n.startswith("bucket="))
         if not buckets:
             counts = outputs.quarantine_counts(out)
             raise DataError(f"{cfg.path}: no valid events; quarantined rows by reason: {counts}")
@@ -70,8 +78,7 @@ def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
     return outputs.finish(out, cfg, rows_valid, clean_info, time.perf_counter() - t0)
 
 
-def _ingest(plan: readers.Plan, cfg: DataConfig, out: Path, n_buckets: int) -> None:
-    (out / "quarantine").mkdir(parents=True, exist_ok=True)
+def _ingest(plan: readers.Plan, cfg: DataConfig, out: str, n_buckets: int) -> None:
     chunks = ray.data.from_items(
         [{"index": c.index} for c in plan.chunks], override_num_blocks=len(plan.chunks)
     )
@@ -79,12 +86,13 @@ def _ingest(plan: readers.Plan, cfg: DataConfig, out: Path, n_buckets: int) -> N
         _ingest_chunk,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs={"plan": plan, "cfg": cfg, "out": str(out), "n_buckets": n_buckets},
+        fn_kwargs={"plan": plan, "cfg": cfg, "out": out, "n_buckets": n_buckets},
     )
-    events.write_parquet(str(out / "_staging"), partition_cols=["bucket"])
-    errors = sorted((out / "_errors").glob("*.txt"))
+    path, fs = storage.for_ray(storage.join(out, "_staging"))
+    events.write_parquet(path, filesystem=fs, partition_cols=["bucket"])
+    errors = storage.glob(storage.join(out, "_errors"), "*.txt")
     if errors:
-        raise DataError(errors[0].read_text())
+        raise DataError(storage.read_text(errors[0]))
 
 
 def _ingest_chunk(batch: pa.Table, plan: readers.Plan, cfg: DataConfig, out: str, n_buckets: int):
@@ -101,18 +109,15 @@ def _ingest_chunk(batch: pa.Table, plan: readers.Plan, cfg: DataConfig, out: str
                 )
     except DataError as err:
         # Reported by the driver as one clear message, rather than as a task traceback.
-        (Path(out) / "_errors").mkdir(exist_ok=True)
-        (Path(out) / "_errors" / f"chunk-{chunk.index:05d}.txt").write_text(str(err))
+        storage.write_text(storage.join(out, "_errors", f"chunk-{chunk.index:05d}.txt"), str(err))
         return
     if bad:
-        pl.from_arrow(pa.concat_tables(bad)).write_parquet(
-            Path(out) / "quarantine" / f"part-{chunk.index:05d}.parquet"
-        )
+        part = storage.join(out, "quarantine", f"part-{chunk.index:05d}.parquet")
+        storage.write_parquet(pl.from_arrow(pa.concat_tables(bad)), part)
 
 
-def _clean(buckets: list[int], cfg: DataConfig, out: Path) -> tuple[pl.DataFrame, dict]:
-    (out / "_clean").mkdir(exist_ok=True)
-    parts = _over_buckets(buckets, _clean_bucket, {"cfg": cfg, "out": str(out)})
+def _clean(buckets: list[int], cfg: DataConfig, out: str) -> tuple[pl.DataFrame, dict]:
+    parts = _over_buckets(buckets, _clean_bucket, {"cfg": cfg, "out": out})
     merged, pending = None, []
     for batch in parts.iter_batches(batch_format="pyarrow", batch_size=None):
         pending.append(pl.from_arrow(batch))
@@ -122,7 +127,8 @@ def _clean(buckets: list[int], cfg: DataConfig, out: Path) -> tuple[pl.DataFrame
     merged = _merge([merged, *pending] if merged is not None else pending)
     info: dict[str, int] = {}
     for b in buckets:
-        for key, value in json.loads((out / "_clean" / f"bucket-{b:05d}.json").read_text()).items():
+        text = storage.read_text(storage.join(out, "_clean", f"bucket-{b:05d}.json"))
+        for key, value in json.loads(text).items():
             info[key] = info.get(key, 0) + value
     return merged.sort("item_id"), info
 
@@ -142,10 +148,10 @@ def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 def _clean_bucket(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
     bucket = batch["bucket"][0].as_py()
-    events = pl.read_parquet(Path(out) / "_staging" / f"bucket={bucket}")
+    events = storage.read_parquet(storage.join(out, "_staging", f"bucket={bucket}"))
     events, info = sequences.clean_bucket(events, cfg.dedupe, cfg.min_user_events)
-    events.write_parquet(Path(out) / "_clean" / f"bucket-{bucket:05d}.parquet")
-    (Path(out) / "_clean" / f"bucket-{bucket:05d}.json").write_text(json.dumps(info))
+    storage.write_parquet(events, storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
+    storage.write_text(storage.join(out, "_clean", f"bucket-{bucket:05d}.json"), json.dumps(info))
     return (
         sequences.item_stats(events)
         .with_columns(pl.lit(bucket, pl.Int32).alias("bucket"))
@@ -153,15 +159,13 @@ def _clean_bucket(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
     )
 
 
-def _kcore(buckets: list[int], stats: pl.DataFrame, cfg: DataConfig, out: Path) -> pl.DataFrame:
+def _kcore(buckets: list[int], stats: pl.DataFrame, cfg: DataConfig, out: str) -> pl.DataFrame:
     k = cfg.kcore
     items = stats.filter(pl.col("count") >= k)
     for it in range(100):
-        path = out / "_clean" / f"kcore-items-{it}.parquet"
-        items.select("item_id").write_parquet(path)
-        parts = _over_buckets(
-            buckets, _kcore_bucket, {"cfg": cfg, "out": str(out), "items_path": str(path)}
-        )
+        path = storage.join(out, "_clean", f"kcore-items-{it}.parquet")
+        storage.write_parquet(items.select("item_id"), path)
+        parts = _over_buckets(buckets, _kcore_bucket, {"cfg": cfg, "out": out, "items_path": path})
         counts = _merge(
             [pl.from_arrow(b) for b in parts.iter_batches(batch_format="pyarrow", batch_size=None)]
         )
@@ -175,15 +179,15 @@ def _kcore(buckets: list[int], stats: pl.DataFrame, cfg: DataConfig, out: Path) 
 
 def _kcore_bucket(batch: pa.Table, cfg: DataConfig, out: str, items_path: str) -> pa.Table:
     bucket = batch["bucket"][0].as_py()
-    events = pl.read_parquet(Path(out) / "_clean" / f"bucket-{bucket:05d}.parquet")
+    events = storage.read_parquet(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
     counts = sequences.kcore_counts(
-        events, pl.read_parquet(items_path), cfg.kcore, cfg.min_user_events
+        events, storage.read_parquet(items_path), cfg.kcore, cfg.min_user_events
     )
     return counts.with_columns(pl.lit(bucket, pl.Int32).alias("bucket")).to_arrow()
 
 
-def _sequences(buckets: list[int], cfg: DataConfig, out: Path) -> None:
-    seqs = _over_buckets(buckets, _bucket_sequences, {"cfg": cfg, "out": str(out)}).materialize()
+def _sequences(buckets: list[int], cfg: DataConfig, out: str) -> None:
+    seqs = _over_buckets(buckets, _bucket_sequences, {"cfg": cfg, "out": out}).materialize()
     for split in outputs.SPLITS:
         view = seqs.map_batches(
             _split_view,
@@ -191,14 +195,15 @@ def _sequences(buckets: list[int], cfg: DataConfig, out: Path) -> None:
             batch_size=None,
             fn_kwargs={"split": split, "max_len": cfg.max_len},
         )
-        view.write_parquet(str(out / split))
+        path, fs = storage.for_ray(storage.join(out, split))
+        view.write_parquet(path, filesystem=fs)
 
 
 def _bucket_sequences(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
     bucket = batch["bucket"][0].as_py()
-    events = pl.read_parquet(Path(out) / "_clean" / f"bucket-{bucket:05d}.parquet")
-    item_index = pl.read_parquet(
-        Path(out) / "vocab" / "items.parquet", columns=["item_id", "item_idx"]
+    events = storage.read_parquet(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
+    item_index = storage.read_parquet(
+        storage.join(out, "vocab", "items.parquet"), columns=["item_id", "item_idx"]
     )
     return sequences.build_sequences(events, item_index, cfg.max_len, cfg.min_events()).to_arrow()
 
@@ -212,28 +217,32 @@ def _over_buckets(buckets: list[int], fn, kwargs: dict) -> ray.data.Dataset:
     return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
-def _generate(cfg: DataConfig, out: Path, generate) -> DataConfig:
+def _generate(cfg: DataConfig, out: str, generate) -> DataConfig:
     """Generate the format's raw log (in a Ray task, so it runs on a worker) unless it is there
     (a marker holds the generator settings it was made with)."""
-    raw = Path(cfg.path) if cfg.path else out / "raw"
-    marker = raw / "_synthetic.json"
+    raw = storage.absolute(cfg.path) if cfg.path else storage.join(out, "raw")
+    marker = storage.join(raw, "_synthetic.json")
     wanted = json.dumps(vars(cfg.synthetic), sort_keys=True)
-    if not (marker.is_file() and marker.read_text() == wanted):
+    if not (storage.exists(marker) and storage.read_text(marker) == wanted):
         _log(f"generating synthetic log into {raw}")
-        ray.get(ray.remote(_generate_task).remote(generate, cfg.synthetic, str(raw)))
-        marker.write_text(wanted)
-    return replace(cfg, path=str(raw))
+        ray.get(ray.remote(_generate_task).remote(generate, cfg.synthetic, raw))
+        storage.write_text(marker, wanted)
+    return replace(cfg, path=raw)
 
 
 def _generate_task(generate, synthetic, raw: str) -> None:
-    import shutil
-
-    shutil.rmtree(raw, ignore_errors=True)
-    generate(synthetic, raw)
+    """The generator writes local files: into `raw`, or a temp dir then uploaded to `raw`."""
+    storage.delete(raw)
+    if not storage.is_uri(raw):
+        generate(synthetic, raw)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(synthetic, tmp)
+        storage.upload_dir(tmp, raw)
 
 
 def _auto_buckets(plan: readers.Plan) -> int:
-    size = sum(Path(f).stat().st_size for f in plan.files)
+    size = sum(file_size(f) or 0 for f in plan.files)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     return max(2, cpus, min(1024, math.ceil(size / BUCKET_BYTES)))
 

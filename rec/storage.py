@@ -86,6 +86,37 @@ def local_path(p: str | os.PathLike) -> Path:
     return Path(text).expanduser()
 
 
+def absolute(p: str | os.PathLike) -> str:
+    """A URI as it is; a local path made absolute (as a string). Never `Path(uri)`."""
+    text = os.fspath(p)
+    return text if is_uri(text) else os.path.abspath(local_path(text))
+
+
+def default_cache() -> Path:
+    """Where single-process readers keep their `local_copy` of remote artefacts (per node)."""
+    return Path(tempfile.gettempdir()) / "raydiv-cache"
+
+
+@contextlib.contextmanager
+def staged_dir(p: str | os.PathLike) -> Iterator[Path]:
+    """A local folder to write a directory of outputs into, published at `p` on success.
+
+    Local `p`: the folder itself (made if missing), written in place as before. A URI: a
+    temporary folder, uploaded file by file when the block succeeds (nothing on failure).
+    """
+    text = os.fspath(p)
+    if not is_uri(text):
+        out = local_path(text)
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
+        return
+    check(text)
+    with tempfile.TemporaryDirectory(prefix="raydiv-stage-") as tmp:
+        yield Path(tmp)
+        if any(Path(tmp).iterdir()):
+            upload_dir(tmp, text)
+
+
 def _refuse_mangled(text: str) -> None:
     if _MANGLED_URI.match(text):
         raise StorageError(

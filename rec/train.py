@@ -27,6 +27,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from rec import storage
 from rec.data.batch import Batch, length_batches
 from rec.data.splits import ItemTables, load_item_tables
 from rec.deepspeed_setup import deepspeed_engine, worker_env
@@ -44,13 +45,13 @@ SCORE = "valid.ndcg@10"  # early stopping and best-checkpoint metric
 
 @dataclass
 class TrainSpec:
-    """Everything a worker needs (picklable): configs and absolute paths."""
+    """Everything a worker needs (picklable): configs and absolute paths or URIs."""
 
     model: ModelConfig
     train: TrainConfig
     prepared_dir: str
     steps_per_epoch: int  # optimizer steps in one epoch over the train split (LR schedule)
-    storage_dir: str  # Ray Train run storage (checkpoints)
+    storage_dir: str  # Ray Train run storage (checkpoints): a local path or a URI
     extensions_dir: str  # TORCH_EXTENSIONS_DIR for DeepSpeed's compiled ops
 
 
@@ -71,6 +72,7 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
         datasets = {
             name: ds.random_shuffle(seed=cfg.seed).materialize() for name, ds in datasets.items()
         }
+    storage_path, storage_fs = storage.for_ray(spec.storage_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -81,11 +83,13 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
             resources_per_worker={
                 "CPU": cfg.cpus_per_worker,
                 **({"GPU": 1} if cfg.use_gpu else {}),
+                **cfg.resources_per_worker,
             },
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=spec.storage_dir,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks,
             checkpoint_config=CheckpointConfig(
@@ -195,13 +199,8 @@ def count_steps_per_epoch(prepared_dir: str | Path, cfg: TrainConfig) -> int:
     """Optimizer steps per epoch: train rows with a target, split over workers, batched."""
     import polars as pl
 
-    rows = (
-        pl.scan_parquet(Path(prepared_dir) / "train" / "*.parquet")
-        .filter(pl.col("items").list.len() >= 2)
-        .select(pl.len())
-        .collect()
-        .item()
-    )
+    train = storage.read_parquet(storage.join(prepared_dir, "train"), columns=["items"])
+    rows = train.filter(pl.col("items").list.len() >= 2).height
     per_worker = rows // cfg.num_workers
     return max(1, math.ceil(per_worker / cfg.batch_size) // cfg.grad_accum)
 

@@ -31,6 +31,9 @@ class TrainConfig:
     # readers on a 2-core machine).
     num_workers: int = 2
     cpus_per_worker: float = 0.5
+    # Extra Ray resources each training worker needs, beside CPU/GPU: e.g. a custom resource
+    # that only the worker nodes have, {worker_node: 0.1}, to place training there.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     use_gpu: bool = False
     # Epochs over the train split (early stopping may end sooner), and an optional cap on
     # optimizer steps (smoke runs, benchmarks).

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from rec import storage
 from rec.data.outputs import item_category_table
 from rec.rerank import RerankConfig
 from rl.config import EnvConfig
@@ -90,12 +91,14 @@ def load_prepared(output_dir: str | Path) -> SequenceLog:
     """Read a prepared-data directory into full per-user sequences, users in user_id order.
 
     Each sequence is what prepare kept: the most recent max_len + 2 events of the user."""
-    out = Path(output_dir)
-    meta = json.loads((out / "meta.json").read_text())
-    train = pl.read_parquet(out / "train" / "*.parquet", columns=["user_id", "items", "timestamps"])
+    out = output_dir  # a local path or a URI (rec/storage.py)
+    meta = json.loads(storage.read_text(storage.join(out, "meta.json")))
+    train = storage.read_parquet(
+        storage.join(out, "train"), columns=["user_id", "items", "timestamps"]
+    )
     held = [
-        pl.read_parquet(
-            out / s / "*.parquet", columns=["user_id", "target_item", "target_timestamp"]
+        storage.read_parquet(
+            storage.join(out, s), columns=["user_id", "target_item", "target_timestamp"]
         )
         for s in ("valid", "test")
     ]
@@ -108,7 +111,7 @@ def load_prepared(output_dir: str | Path) -> SequenceLog:
             pl.concat_list("timestamps", "target_timestamp", "target_timestamp_test").alias("ts"),
         )
     )
-    items = pl.read_parquet(out / "vocab" / "items.parquet")
+    items = storage.read_parquet(storage.join(out, "vocab", "items.parquet"))
     return SequenceLog(
         items=[np.asarray(x, dtype=np.int64) for x in full["items"].to_list()],
         timestamps=[np.asarray(x, dtype=np.int64) for x in full["ts"].to_list()],

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rec import storage
 from rec.config_loader import from_dict
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.env import OBS_FIELDS
@@ -71,7 +72,7 @@ class LamPolicy:
     def load(cls, policy_dir: str | Path) -> LamPolicy:
         from ray.rllib.core.rl_module.rl_module import RLModule
 
-        policy_dir = Path(policy_dir)
+        policy_dir = storage.local_copy(policy_dir, storage.default_cache())  # a URI: copied once
         meta_path, module_path = policy_dir / POLICY_FILE, policy_dir / MODULE_DIR
         if not meta_path.is_file() or not module_path.is_dir():
             raise ValueError(

@@ -20,6 +20,7 @@ from ray.rllib.algorithms.algorithm import Algorithm
 from ray.rllib.algorithms.ppo import PPOConfig
 from ray.tune.registry import register_env
 
+from rec import storage
 from rec.rerank import RerankConfig
 from rl.config import EnvConfig
 from rl.policy import PolicyConfig
@@ -40,7 +41,7 @@ def fit(
     world_path (rl.world.save_world), episodes drawn from `users` (training users only); save
     the final RLModule to module_dir. -> the training curve, one dict per iteration."""
     spec = {
-        "world": str(Path(world_path).resolve()),
+        "world": storage.absolute(world_path),  # a local file or a URI (each runner copies)
         "env": asdict(env_cfg),
         "rerank": asdict(rerank_cfg or RerankConfig()),  # how the env re-ranks its slates
         "users": np.asarray(users).tolist(),

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rec import storage
 from rec.data.batch import SCORE_BATCH_SIZE, Batch, collate, length_batches
 from rec.data.splits import load_examples, load_item_tables
 from rec.export import load_export
@@ -85,12 +86,12 @@ class World:
 
 def build_world(model_dir: str | Path, cfg: WorldConfig) -> World:
     """Score sampled users with the exported ranker and fit the ground truth (see module doc)."""
-    model_dir = Path(model_dir)
-    prepared, export = model_dir / "data", model_dir / "export"
-    for path in (prepared / "meta.json", export / "model.safetensors"):
-        if not path.is_file():
-            raise ValueError(f"model_dir {str(model_dir)!r} lacks {path.name} (run jobs.train)")
-    model = load_export(export)
+    prepared, export = storage.join(model_dir, "data"), storage.join(model_dir, "export")
+    for path in (storage.join(prepared, "meta.json"), storage.join(export, "model.safetensors")):
+        if not storage.exists(path):
+            name = path.rsplit("/", 1)[-1]
+            raise ValueError(f"model_dir {str(model_dir)!r} lacks {name} (run jobs.train)")
+    model = load_export(storage.local_copy(export, storage.default_cache()))
     tables = load_item_tables(prepared)
     examples = load_examples(prepared, "test", model.cfg.max_len)  # sorted by user_id
     log = load_prepared(prepared)  # full sequences, also sorted by user_id
@@ -178,7 +179,8 @@ def make_env(spec: dict):
     rerank_cfg = from_dict(RerankConfig, dict(spec.get("rerank", {})))
     key = (str(spec["world"]), int(spec.get("seed", 0)))
     if key not in _WORLDS:
-        _WORLDS[key] = load_world(key[0], cfg.types, seed=key[1])
+        local = storage.local_copy(key[0], storage.default_cache())  # a URI: copied once
+        _WORLDS[key] = load_world(local, cfg.types, seed=key[1])
     users = spec.get("users")
     users = None if users is None else np.asarray(users)
     return DiversityEnv(_WORLDS[key], cfg, users=users, rerank_cfg=rerank_cfg)

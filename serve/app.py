@@ -29,8 +29,10 @@ from fastapi import FastAPI, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from rec import artifacts, storage
 from rec.config_loader import from_dict
 from rec.rerank import RerankConfig
+from serve.cache import test_split
 from serve.catalog import UserHistories
 from serve.config import DeploymentSpec, ServeConfig
 from serve.frontend import Frontend, LocalStages, RequestError
@@ -100,7 +102,7 @@ class Ingress:
         then run here, built from the same StageContext)."""
         torch.set_num_threads(cfg.torch_threads)
         ctx = StageContext(model_dir, cfg, rerank, policy_dir)
-        users = UserHistories.load(Path(model_dir) / "data", ctx.model.cfg.max_len)
+        users = UserHistories.from_split(test_split(model_dir), ctx.model.cfg.max_len)
         with torch.no_grad():
             vectors = ctx.model.item_table().numpy().astype(np.float32)  # (N + 1, D)
         self.stages = LocalStages(ctx) if cfg.fused else HandleStages(handles)
@@ -142,9 +144,10 @@ class Ingress:
 def deployment_options(spec: DeploymentSpec, name: str | None = None) -> dict[str, Any]:
     """A DeploymentSpec (and a deployment name) -> `.options(...)` keyword arguments."""
     auto = spec.autoscaling
+    actor = {"num_cpus": spec.num_cpus, **({"resources": spec.resources} if spec.resources else {})}
     return {
         **({"name": name} if name is not None else {}),
-        "ray_actor_options": {"num_cpus": spec.num_cpus},
+        "ray_actor_options": actor,
         "max_ongoing_requests": spec.max_ongoing_requests,
         "autoscaling_config": {
             "min_replicas": auto.min_replicas,
@@ -158,11 +161,21 @@ def deployment_options(spec: DeploymentSpec, name: str | None = None) -> dict[st
 
 
 def resolve_dir(path: str | None) -> str | None:
-    """Relative artifact paths are relative to the repository root (replicas run elsewhere)."""
-    if path is None:
-        return None
-    p = Path(path)
+    """URIs as given; relative local paths are relative to the repository root (replicas run
+    elsewhere). A URI that lost its `//` (`s3:/b/x`) is refused, never made a local path."""
+    if path is None or storage.is_uri(path):
+        return path
+    p = storage.local_path(path)
     return str(p if p.is_absolute() else (ROOT / p).resolve())
+
+
+def _has_export(model_dir: str) -> bool:
+    """A plain export (model_config.json) or one published with rec.artifacts (CURRENT); a
+    missing bucket or refused credentials raise StorageError (one line naming the URI)."""
+    export = storage.join(model_dir, "export")
+    return any(
+        storage.exists(storage.join(export, f)) for f in ("model_config.json", artifacts.CURRENT)
+    )
 
 
 def build_app(
@@ -175,10 +188,12 @@ def build_app(
     model_dir = resolve_dir(model_dir)
     if model_dir is None:
         raise ValueError("model_dir is required: a train job's output directory (with export/)")
-    if not (Path(model_dir) / "export" / "model_config.json").is_file():
+    if not _has_export(model_dir):
         raise ValueError(f"model_dir {model_dir!r} has no export/model_config.json")
     cfg.check_rerank(rerank)
     policy_dir = resolve_dir(policy_dir)
+    if policy_dir is not None and not storage.exists(policy_dir):
+        raise ValueError(f"policy_dir {policy_dir!r} does not exist")
     ingress = Ingress.options(**deployment_options(cfg.ingress))
     if cfg.fused:
         return ingress.bind({}, model_dir, cfg, rerank, policy_dir)

@@ -1,4 +1,5 @@
 """What serving knows about items and users, from a train job's output directory (no Ray).
+Local folders only: serve/cache.py makes the node-local copy of a URI first.
 
     catalog = Catalog.load("outputs/beauty/export")       # vocab/ + data_meta.json
     idx, unknown = catalog.to_indices([301, 775, 999999])  # raw ids -> indices; unknowns reported
@@ -123,8 +124,15 @@ class UserHistories:
         an absent directory gives an empty store (every user is then a cold start)."""
         if prepared_dir is None or not (Path(prepared_dir) / "test").is_dir():
             return cls({})
+        return cls.from_split(Path(prepared_dir) / "test", max_len)
+
+    @classmethod
+    def from_split(cls, test_dir: str | Path | None, max_len: int) -> UserHistories:
+        """From a local test split folder (parquet files); None gives an empty store."""
+        if test_dir is None:
+            return cls({})
         frame = pl.read_parquet(
-            Path(prepared_dir) / "test" / "*.parquet", columns=["user_id", "items", "target_item"]
+            Path(test_dir) / "*.parquet", columns=["user_id", "items", "target_item"]
         )
         histories = {}
         for user, items, target in frame.iter_rows():

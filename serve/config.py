@@ -11,6 +11,7 @@ top-level `rerank:` section (rec.rerank.RerankConfig), shared with the frontier 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from rec.rerank import RerankConfig
 
@@ -43,6 +44,9 @@ class DeploymentSpec:
     """Resources and scaling of one deployment."""
 
     num_cpus: float = 0.25  # Ray CPU reservation per replica (fractional: 2 cores host all)
+    # Custom Ray resources per replica, e.g. {serve_node: 0.01}: replicas then run only on
+    # nodes started with that resource (`ray start --resources='{"serve_node": 4}'`).
+    resources: dict[str, float] = field(default_factory=dict)
     max_ongoing_requests: int = 64  # requests queued on one replica before the router waits
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
 
@@ -55,6 +59,9 @@ class ServeConfig:
     port: int = 8000  # HTTP port of the Serve proxy
     app_name: str = "recommender"  # Serve application name
     route_prefix: str = "/"  # where the application is mounted
+    # Where Serve runs HTTP proxies: the head only (reach it with `ray attach -p PORT`), or
+    # every node (behind a load balancer); nodes sharing one IP cannot all bind the port.
+    proxy_location: Literal["HeadOnly", "EveryNode", "Disabled"] = "HeadOnly"
     max_k: int = 100  # largest k a request may ask for (<= rerank.n_candidates)
     max_history: int = 200  # longer histories keep their most recent items (model sees max_len)
     max_body_bytes: int = 65536  # larger request bodies get 413

@@ -18,7 +18,8 @@ from serve.engine import Ranked
 
 
 class PolicyScorer:
-    """Wraps `rl.policy.LamPolicy` loaded from a train_policy job's output directory."""
+    """Wraps `rl.policy.LamPolicy` loaded from a train_policy job's output directory (a local
+    folder: serve/cache.py copies a URI's first)."""
 
     def __init__(self, policy_dir: str | Path, item_categories: np.ndarray) -> None:
         """item_categories (n_items + 1, C) int64 category indices (serve.catalog.Catalog)."""

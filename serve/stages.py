@@ -34,9 +34,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from rec import storage
 from rec.export import load_export
 from rec.recommender import Recommender
 from rec.rerank import RerankConfig
+from serve.cache import local_dir
 from serve.catalog import Catalog
 from serve.config import ServeConfig
 from serve.engine import HeadScorer, QueryTower
@@ -45,8 +47,8 @@ BatchFn = Callable[..., list[Any]]  # B-long argument lists -> B results
 
 
 class StageContext:
-    """What a stage's builder may use; the export loads on first use (a policy replica never
-    loads the model)."""
+    """What a stage's builder may use; the export is copied (URIs: once per node, see
+    serve/cache.py) and loaded on first use (a policy replica never loads the model)."""
 
     def __init__(
         self,
@@ -55,16 +57,22 @@ class StageContext:
         rerank: RerankConfig,
         policy_dir: str | None = None,
     ) -> None:
-        self.model_dir = Path(model_dir)  # a train job's output_dir: export/ (and data/)
+        # A train job's output_dir (export/ and data/): a local path or a URI.
+        self.model_dir = str(model_dir)
         self.cfg, self.rerank, self.policy_dir = cfg, rerank, policy_dir
 
     @cached_property
+    def export_dir(self) -> Path:
+        """A local directory with the export (the model_dir's own when it is local)."""
+        return local_dir(storage.join(self.model_dir, "export"))
+
+    @cached_property
     def model(self) -> Recommender:
-        return load_export(self.model_dir / "export")
+        return load_export(self.export_dir)
 
     @cached_property
     def catalog(self) -> Catalog:
-        return Catalog.load(self.model_dir / "export")
+        return Catalog.load(self.export_dir)
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ def _ranker(ctx: StageContext) -> BatchFn:
 def _policy(ctx: StageContext) -> BatchFn:
     from serve.policy import PolicyScorer  # RLlib's module machinery: only when a policy runs
 
-    scorer = PolicyScorer(ctx.policy_dir, ctx.catalog.categories)
+    scorer = PolicyScorer(local_dir(ctx.policy_dir), ctx.catalog.categories)
     return lambda histories, ranked: scorer.choose(histories, ranked).tolist()
 
 

@@ -9,6 +9,11 @@ machine-wide `ray stop`). Token authentication stays on, with a fresh token per 
         job = head.submit(["python", "-m", "jobs.prepare", "--config", CFG], working_dir=ROOT)
         assert head.wait(job, timeout=300) == "SUCCEEDED"
 
+    with local_head(num_cpus=1, node_ip="127.0.0.1") as head, local_worker(
+        head, num_cpus=2, resources={"worker_node": 4}
+    ) as worker:                            # a second node (its own `ray start`, temp dir)
+        ...
+
 Ray 2.60 excludes what `.gitignore` (and `.rayignore`) list from the `--working-dir` upload, so
 `.venv/`, `.cache/` and `outputs/` stay behind. Locally the job's `python` is this venv's: the
 head runs with this interpreter's directory first on PATH and the job inherits it.
@@ -174,24 +179,29 @@ class LocalHead:
             time.sleep(every)
 
     def stop(self, grace: float = 10, remove: bool = True) -> None:
-        """End this head's processes only, as `ray stop` would but scoped to them: SIGTERM to
-        `ray start`, its descendants and anything naming its temp dir (workers that left the
-        process group), SIGKILL after `grace` s; then remove the temp dir unless `remove=False`."""
-        pids = {self.proc.pid} | _descendants(self.proc.pid) | _using_dir(self.temp_dir)
-        live = [p for p in map(_proc, pids - {os.getpid()}) if p is not None]
-        for p in live:
-            with contextlib.suppress(psutil.Error):
-                p.terminate()
-        _, alive = psutil.wait_procs(live, timeout=grace)
-        for p in alive:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        if remove:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
+        """End this head's processes only (see stop_node)."""
+        stop_node(self.proc, self.temp_dir, grace, remove)
+
+
+def stop_node(proc: subprocess.Popen, temp_dir: Path, grace: float = 10, remove: bool = True):
+    """End one `ray start` node's processes only, as `ray stop` would but scoped to them:
+    SIGTERM to `ray start`, its descendants and anything naming its temp dir (workers that left
+    the process group), SIGKILL after `grace` s; then remove the temp dir unless `remove=False`."""
+    pids = {proc.pid} | _descendants(proc.pid) | _using_dir(temp_dir)
+    live = [p for p in map(_proc, pids - {os.getpid()}) if p is not None]
+    for p in live:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(live, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    if remove:
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _proc(pid: int) -> psutil.Process | None:
@@ -228,13 +238,15 @@ def local_head(
     env: dict[str, str] | None = None,
     gcs_port: int | None = None,
     ready_timeout: float = 120,
+    node_ip: str | None = None,
 ) -> Iterator[LocalHead]:
     """Start `ray start --head --block` with free ports and a fresh auth token; yield
     the running head; stop it (only it) on exit.
 
     autoscaling_config: a cluster config (dict) for the head's autoscaler, e.g. the fake
     multi-node provider's (then RAY_FAKE_CLUSTER=1 is set for it); gcs_port: when that config
-    must name the port before the head exists.
+    must name the port before the head exists; node_ip: the address the node advertises and
+    binds (e.g. 127.0.0.1; default: the machine's).
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: unix socket paths
     token_path = temp_dir / "auth_token"
@@ -255,6 +267,8 @@ def local_head(
     ]  # fmt: skip
     if resources:
         cmd.append(f"--resources={json.dumps(resources)}")
+    if node_ip:
+        cmd.append(f"--node-ip-address={node_ip}")
     if autoscaling_config is not None:
         config_path = temp_dir / "autoscaling.json"
         config_path.write_text(json.dumps(autoscaling_config))
@@ -284,3 +298,66 @@ def _ready(head: LocalHead) -> bool:
         return head.get("/api/version", timeout=2).status_code == 200 and bool(head.alive_nodes())
     except httpx.HTTPError:
         return False
+
+
+@dataclass
+class LocalWorker:
+    """A running `ray start --address=<head> --block` (a second node) and its node id."""
+
+    proc: subprocess.Popen
+    temp_dir: Path
+    log_path: Path
+    node_id: str
+
+
+@contextmanager
+def local_worker(
+    head: LocalHead,
+    num_cpus: float = 1,
+    resources: dict[str, float] | None = None,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120,
+) -> Iterator[LocalWorker]:
+    """Join a worker node to `head` on this machine, at the head's address, with its own temp
+    dir and ports, the head's token and `env` (e.g. AWS_* variables, as an instance profile
+    gives a cloud node); yield it once the head lists it ALIVE; stop only its processes."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+    node_ip = head.address.rsplit(":", 1)[0]
+    cmd = [
+        RAY, "start", "--block",
+        f"--address={head.address}",
+        f"--node-ip-address={node_ip}",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    before = {n["node_id"] for n in head.alive_nodes()}
+    log_path = temp_dir / "ray_start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            env=cluster_env(head.token_path, env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def joined() -> str | None:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited {proc.returncode}:\n{log_path.read_text()}")
+        new = [n["node_id"] for n in head.alive_nodes() if n["node_id"] not in before]
+        return new[0] if new else None
+
+    ok = False
+    try:
+        node_id = head.wait_for("worker node joined", joined, timeout=ready_timeout)
+        yield LocalWorker(proc, temp_dir, log_path, node_id)
+        ok = True
+    finally:
+        stop_node(proc, temp_dir, remove=ok)
+        if not ok:
+            print(f"[cluster] worker logs kept in {temp_dir}", file=sys.stderr)

@@ -135,6 +135,52 @@ def test_token_auth_on_every_node_and_no_secrets_in_file():
         assert local_token.read_text().strip() not in text
 
 
+def test_object_storage_instead_of_a_shared_disk():
+    """Every node reaches the bucket through one instance profile; nothing mounts a shared
+    filesystem; the README's cluster commands use s3:// and this file's runtime_env.yaml."""
+    config = load_cluster_yaml()
+    profiles = {
+        name: t["node_config"].get("IamInstanceProfile")
+        for name, t in config["available_node_types"].items()
+    }
+    assert set(map(str, profiles.values())) == {"{'Name': 'raydiv-rec-s3'}"}, profiles
+    assert "aws iam create-instance-profile --instance-profile-name raydiv-rec-s3" in (
+        CLUSTER_YAML.read_text()
+    )
+    commands = " ".join(
+        " ".join(config.get(key) or [])
+        for key in ("setup_commands", "head_setup_commands", "worker_setup_commands",
+                    "initialization_commands", "head_start_ray_commands",
+                    "worker_start_ray_commands")
+    )  # fmt: skip
+    assert not re.search(r"(?i)\bnfs|efs|mount\b", commands), commands
+    assert set(config["file_mounts"]) == {"~/raydiv-rec", "~/.ray/auth_token"}
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## On a cluster", 1)[1].split("\n## ", 1)[0]
+    assert "ray up -y cluster.yaml" in section and "--runtime-env runtime_env.yaml" in section
+    assert "output_dir=s3://" in section and "data.path=s3://" in section
+    assert "raydiv-rec-s3" in section and "/mnt/shared" not in section
+    assert "curl" in section
+
+
+def test_runtime_env_yaml_is_a_valid_ray_runtime_env_without_secrets():
+    from ray.runtime_env import RuntimeEnv
+
+    path = ROOT / "runtime_env.yaml"
+    env = yaml.safe_load(path.read_text())
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    assert env["working_dir"] == "."
+    assert all(isinstance(v, str) for v in env["env_vars"].values())
+    assert "TORCH_EXTENSIONS_DIR" in env["env_vars"]
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(
+        env["env_vars"]
+    )
+    text = path.read_text()
+    for what, pattern in SECRET_PATTERNS.items():
+        match = re.search(pattern, text)
+        assert match is None, f"runtime_env.yaml looks like it holds a {what}: {match.group(0)!r}"
+
+
 def test_secret_scan_catches_a_pasted_key():
     pasted = "provider:\n  aws_access_key_id: AKIAABCDEFGHIJKLMNOP\n"
     assert re.search(SECRET_PATTERNS["AWS access key id"], pasted)
@@ -145,19 +191,34 @@ def test_secret_scan_catches_a_pasted_key():
 # ------------------------------------------------------------- autoscaling (fake multi-node)
 
 PROBE = """
-import json, time, ray
+import json, sys, time, ray
 ray.init()
-@ray.remote(num_cpus=1, num_gpus=1)
+@ray.remote(num_cpus=1)
 def where():
-    time.sleep(4)  # hold the GPU so the two tasks must run side by side
+    time.sleep(4)  # hold the node so the two tasks must run side by side
     return ray.get_runtime_context().get_node_id()
-print("PROBE", json.dumps(ray.get([where.remote() for _ in range(2)])))
+shapes = json.loads(sys.argv[1])  # {"train": gpus, "serve": gpus}
+refs = {k: where.options(num_gpus=g).remote() for k, g in shapes.items()}
+print("PROBE", json.dumps({k: ray.get(r) for k, r in refs.items()}))
 """
 
 
+def worker_gpus() -> dict[str, int]:
+    """cluster.yaml's worker node types -> GPUs of their instance type."""
+    config = load_cluster_yaml()
+    types = config["available_node_types"]
+    return {
+        name: AWS_GPUS.get(t["node_config"]["InstanceType"], 0)
+        for name, t in types.items()
+        if name != config["head_node_type"]
+    }
+
+
 def fake_cluster_config(gcs_port: int) -> dict:
-    """Ray's fake multi-node provider with a 1-CPU, no-GPU head and a 1-GPU worker type that
-    scales 0..2 and leaves after 6 s idle.
+    """Ray's fake multi-node provider with cluster.yaml's worker node types: their names, the
+    GPUs of their instance types and their min/max counts (capped at 2 nodes on this machine),
+    each "node" shrunk to 1 CPU and a small object store; a 1-CPU head; workers leave after
+    6 s idle.
 
     The config and environment ray.cluster_utils.AutoscalingCluster would build, built here:
     in the 2.60 wheel its constructor fails (it reads fake_multi_node/example.yaml, which the
@@ -165,6 +226,19 @@ def fake_cluster_config(gcs_port: int) -> dict:
     also end the session's `ray_local` cluster."""
     import ray._private.services as services
 
+    real = load_cluster_yaml()["available_node_types"]
+    types = {"ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0}}
+    for name, gpus in worker_gpus().items():
+        types[name] = {
+            "resources": {
+                "CPU": 1,
+                **({"GPU": gpus} if gpus else {}),
+                "object_store_memory": 150 * 1024**2,
+            },
+            "node_config": {},
+            "min_workers": real[name]["min_workers"],
+            "max_workers": min(real[name]["max_workers"], 2),
+        }
     return {
         "cluster_name": "fake_autoscaling_test",
         "max_workers": 2,
@@ -178,15 +252,7 @@ def fake_cluster_config(gcs_port: int) -> dict:
             # worker "nodes" join this head, not the default port 6379
             "gcs_address": f"{services.node_ip_address_from_perspective()}:{gcs_port}",
         },
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
-            "gpu_worker": {
-                "resources": {"CPU": 1, "GPU": 1, "object_store_memory": 150 * 1024**2},
-                "node_config": {},
-                "min_workers": 0,
-                "max_workers": 2,
-            },
-        },
+        "available_node_types": types,
         "head_node_type": "ray.head.default",
         "auth": {},
         "docker": {},
@@ -205,27 +271,36 @@ def fake_cluster_config(gcs_port: int) -> dict:
 
 
 @pytest.mark.ray
-def test_autoscaler_adds_gpu_nodes_for_a_job_and_removes_them_when_idle(tmp_path):
+def test_autoscaler_adds_cluster_yaml_node_types_for_a_job_and_removes_them_when_idle(tmp_path):
+    """A training-shaped task (all GPUs of the multi-GPU type) and a serving-shaped one (1 GPU)
+    make the autoscaler launch one node of each of cluster.yaml's GPU types, from zero (which
+    node the 1-GPU task then lands on is the scheduler's choice)."""
     from tests.cluster_helpers import free_port
 
+    gpus = worker_gpus()
+    train_type = max(gpus, key=gpus.get)
+    infer_type = next(name for name, n in gpus.items() if n == 1)
+    shapes = {"train": gpus[train_type], "serve": 1}
     gcs_port = free_port()
     with local_head(
         num_cpus=1, autoscaling_config=fake_cluster_config(gcs_port), gcs_port=gcs_port
     ) as head:
         assert [n["is_head_node"] for n in head.alive_nodes()] == [True]
-        job = head.submit(["python", "-c", PROBE])
-        grown = head.wait_for(
-            "2 GPU worker nodes", lambda: _gpu_workers(head, 2), timeout=90, every=1
-        )
+        job = head.submit(["python", "-c", PROBE, json.dumps(shapes)])
+        grown = head.wait_for("2 GPU worker nodes", lambda: _gpu_workers(head), timeout=90)
         head.wait(job, timeout=120)
         ran_on = json.loads(head.job_logs(job).split("PROBE ", 1)[1].splitlines()[0])
-        assert set(ran_on) == {n["node_id"] for n in grown}  # one task on each new node
+        node_gpus = {n["node_id"]: n["resources_total"]["GPU"] for n in grown}
+        # one node of each GPU type; the 1-GPU task may run on either, the other needs all 4
+        assert sorted(node_gpus.values()) == sorted([gpus[infer_type], gpus[train_type]])
+        assert node_gpus[ran_on["train"]] == gpus[train_type], (train_type, node_gpus)
+        assert set(ran_on.values()) <= set(node_gpus)
         head.wait_for("scale back to the head", lambda: len(head.alive_nodes()) == 1, timeout=90)
 
 
-def _gpu_workers(head, n: int) -> list[dict] | None:
+def _gpu_workers(head) -> list[dict] | None:
     workers = [n for n in head.alive_nodes() if not n["is_head_node"]]
-    ok = len(workers) == n and all(w["resources_total"].get("GPU") == 1 for w in workers)
+    ok = len(workers) == 2 and all(w["resources_total"].get("GPU") for w in workers)
     return workers if ok else None
 
 

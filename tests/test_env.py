@@ -309,9 +309,47 @@ def test_prepared_data_to_environment(tmp_path):
         item_vectors=rng.normal(size=(n_items + 1, 8)),
         ground_truth=gt,
     )
-    cfg, changed = apply_calibration(EnvConfig(), cal)  # closed-form leaving.base
-    assert set(changed) >= {"leaving.base"} and cfg.leaving.base == changed["leaving.base"]
+    # load_prepared: each full sequence ends with the user's valid then test target
+    import polars as pl
+
+    test = pl.read_parquet(tmp_path / "test" / "*.parquet").sort("user_id")
+    valid = pl.read_parquet(tmp_path / "valid" / "*.parquet").sort("user_id")
+    assert [int(s[-1]) for s in log.items] == test["target_item"].to_list()
+    assert [int(s[-2]) for s in log.items] == valid["target_item"].to_list()
+    # The closed form without simulator data (rl/calibrate.py docstring): base = clicks per
+    # slate / mean session length, clicks per slate = 1 / (1 - continue prob), kept in
+    # [0.02, 0.5]. Defaults: continue 0.9 and 0.4 -> 1 / (1 - 0.65) ~ 2.86 clicks per slate.
+    env_cfg = EnvConfig()
+    cont = 0.5 * (env_cfg.types.continue_focused + env_cfg.types.continue_explorer)
+    want = float(np.clip(1.0 / (1.0 - cont) / cal.session_mean, 0.02, 0.5))
+    cfg, changed = apply_calibration(env_cfg, cal)
+    assert changed["leaving.base"] == pytest.approx(want, rel=1e-12)  # same float ops
+    assert cfg.leaving.base == want and cfg.leaving.cap >= want
+    assert cfg.leaving.base != EnvConfig().leaving.base  # calibration did change it
     check_env(DiversityEnv(data, cfg), skip_render_check=True)
+
+
+def test_leaving_base_is_calibrated_by_bisection(world):
+    """fit_leave_base brackets the base whose simulated mean clicks per session equal the
+    target: with the same episode seeds for every base, the final interval's lower end gives
+    more clicks than the target and its upper end at most the target; an unreachable target
+    warns and ends at base ~0."""
+    from rl.calibrate import fit_leave_base, mean_clicks
+
+    cfg = EnvConfig()
+
+    def clicks(base: float) -> float:
+        leaving = replace(cfg.leaving, base=base, cap=max(cfg.leaving.cap, base))
+        return mean_clicks(world, replace(cfg, leaving=leaving), 0.0, 40, 0)
+
+    target = clicks(0.2)  # a target the simulator reaches at base 0.2
+    base = fit_leave_base(world, cfg, target, episodes=40, iterations=10)
+    half = 0.9 / 2**11  # [0, 0.9] halved 10 times, the midpoint returned
+    assert clicks(base - half) > target >= clicks(base + half), base
+    assert clicks(0.1) > target >= clicks(0.3)  # so the bracket lies in (0.1, 0.3)
+    assert 0.1 < base < 0.3
+    with pytest.warns(UserWarning, match="out of reach"):
+        assert fit_leave_base(world, cfg, 1e6, episodes=5, iterations=10) < 0.001
 
 
 def test_configs_and_data_fail_loudly(world):

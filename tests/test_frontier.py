@@ -120,6 +120,34 @@ def test_summary_picks_best_ild_within_ndcg_budget(model_dir):
         assert best["max_ild_change"] == max(r["ild_change"] for r in rows)
 
 
+def test_summarize_known_answer():
+    """Hand-made rows: the best lam is the most diverse row within the NDCG budget (not the most
+    diverse overall), the target is compared with its ILD gain, a method with no row within
+    budget has no best. Values are exact binary fractions, so the relative changes are exact."""
+    from rec.frontier import summarize
+
+    ref = {"ndcg@10": 0.5, "ild@10": 0.5}
+    rows = {
+        ("none", None): {"ndcg@10": 0.5, "ild@10": 0.5},
+        ("mmr", 0.0): {"ndcg@10": 0.5, "ild@10": 0.5},  # changes 0, 0
+        ("mmr", 0.5): {"ndcg@10": 0.5, "ild@10": 0.625},  # 0, +0.25
+        ("mmr", 0.8): {"ndcg@10": 0.4921875, "ild@10": 0.6875},  # -1/64, +0.375
+        ("mmr", 1.0): {"ndcg@10": 0.25, "ild@10": 1.0},  # -0.5, +1 (outside the budget)
+        ("dpp", 0.5): {"ndcg@10": 0.375, "ild@10": 0.75},  # -0.25: outside
+    }
+    cfg = FrontierConfig(k=10, max_ndcg_drop=0.02, target_ild_gain=0.5)
+    frontier_rows, summary = summarize(rows, ref, cfg)
+    assert [r["ild_change"] for r in frontier_rows["mmr"]] == [0.0, 0.25, 0.375, 1.0]
+    mmr, dpp = summary["methods"]["mmr"], summary["methods"]["dpp"]
+    assert (mmr["best_lam"], mmr["ild_change"], mmr["ndcg_change"]) == (0.8, 0.375, -1 / 64)
+    assert mmr["ild@10"] == 0.6875 and mmr["max_ild_change"] == 1.0
+    assert mmr["target_met"] is False  # 0.375 < 0.5, although lam 1 reaches +1.0
+    assert dpp["best_lam"] is None and dpp["target_met"] is False
+    assert summary["target_met"] is False and "none" not in summary["methods"]
+    _, met = summarize(rows, ref, replace(cfg, target_ild_gain=0.375))
+    assert met["methods"]["mmr"]["target_met"] is True and met["target_met"] is True
+
+
 def test_candidate_pool_excludes_history_but_not_target():
     scores = torch.tensor([[float("-inf"), 5.0, 4.0, 3.0, 2.0, 1.0]])  # items 1..5
     history = torch.tensor([[0, 1, 3]])

@@ -257,3 +257,37 @@ def test_export_round_trip_in_fresh_process(tmp_path: Path) -> None:
     eager = load_export(tmp_path / "export", attn_implementation="eager")
     assert torch.equal(eager.model.item_categories, rec.model.item_categories)
     torch.testing.assert_close(eager.score_next(batch), fresh, atol=1e-5, rtol=1e-5)
+
+
+def test_export_never_unpickles(tmp_path: Path) -> None:
+    """load_export and scoring in a process where pickle.load(s), the Unpickler and torch.load
+    raise: the export is safetensors + JSON only, so nothing there can run code on load."""
+    rec = tiny_recommender()
+    save_export(rec, tmp_path / "export")
+    snippet = f"""
+        import pickle, _pickle, torch
+        def refuse(*args, **kwargs):
+            raise RuntimeError("unpickling attempted")
+        class Refusing(pickle.Unpickler):  # still subclassable (torch subclasses it)
+            load = refuse
+        for mod in (pickle, _pickle):
+            mod.load, mod.loads, mod.Unpickler = refuse, refuse, Refusing
+        torch.load = refuse
+        from rec.export import load_export
+        rec = load_export({str(tmp_path / "export")!r})
+        try:  # the guard is live: a pickle load would have raised
+            pickle.loads(pickle.dumps(1))
+            raise SystemExit("guard not active")
+        except RuntimeError:
+            pass
+        print("loaded", sum(p.numel() for p in rec.parameters()))
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(snippet)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["loaded", str(sum(p.numel() for p in rec.parameters()))]

@@ -72,6 +72,28 @@ def test_arms_play_the_same_episodes(small_world):
     assert same["gain"] == 0.0 and same["diff_ci95"] == 0.0
 
 
+def test_paired_gain_known_answer():
+    """Non-identical arms: the gain is the mean paired difference over b's mean return, and the
+    CI is 1.96 * sd(differences) / sqrt(n) (paired: b's own spread does not enter)."""
+    from rl.arms import ArmResult
+
+    def arm(returns):
+        r = np.asarray(returns, dtype=np.float64)
+        return ArmResult(r, r, r, r, r, np.arange(len(r)))
+
+    b = arm([1.0, 3.0, 2.0, 6.0])  # mean 3
+    a = arm([2.0, 4.0, 4.0, 6.0])  # differences 1, 1, 2, 0: mean 1, sd sqrt(2/3)
+    got = paired_gain(a, b)
+    half = 1.959963984540054 * np.sqrt(2 / 3) / 2
+    # 1e-12: a few float64 roundings of numbers near 1 (the Z constant may be written shorter)
+    assert got["diff"] == pytest.approx(1.0, abs=1e-12)
+    assert got["gain"] == pytest.approx(1 / 3, abs=1e-12)
+    assert got["diff_ci95"] == pytest.approx(half, rel=1e-6)
+    assert got["gain_ci95_low"] == pytest.approx((1 - half) / 3, rel=1e-6)
+    assert got["gain_ci95_high"] == pytest.approx((1 + half) / 3, rel=1e-6)
+    assert paired_gain(b, a)["gain"] == pytest.approx(-1 / 4, abs=1e-12)  # over a's mean 4
+
+
 def test_split_users_is_disjoint_and_seeded():
     tr, ev = split_users(100, 0.2, 5)
     assert len(ev) == 20 and not set(tr) & set(ev) and len(tr) + len(ev) == 100

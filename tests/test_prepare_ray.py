@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import polars as pl
+import pytest
 
 from jobs import prepare as prepare_job
 from jobs.config import RunConfig
@@ -13,6 +14,8 @@ from rec.config_loader import load_config
 from rec.data.local import prepare_local
 from rec.ray_dataset import BatchCollate, training_dataset
 from tests.conftest import BEAUTY, ROOT, need
+
+pytestmark = pytest.mark.ray  # every test here starts Ray (ray_local, or a job's own)
 
 
 def frames(out):

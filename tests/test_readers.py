@@ -206,3 +206,74 @@ def test_a_format_is_one_registered_object(tmp_path):
     assert synthetic["n_users"] > 0
     meta = json.loads((tmp_path / "synthetic" / "meta.json").read_text())
     assert meta["request_behavior"] == "pv" and isinstance(FORMATS["synthetic"], Format)
+
+
+# ------------------------------------------------- synthetic stand-ins (no real files needed)
+
+
+@pytest.mark.parametrize("tarball", [False, True])
+def test_movielens_synthetic_dir_and_tarball(tmp_path, tarball):
+    from tests.data_fixtures import ML_GENRES, ML_RATINGS, ML_VALID, write_movielens
+
+    path = write_movielens(tmp_path, tarball=tarball)
+    events, bad = read_all(DataConfig(format="movielens", path=str(path)))
+    assert events.height == ML_VALID and bad.height == 1
+    assert bad["reason"].to_list() == ["bad_rating"] and bad["raw"][0] == "2\t3\t6\t881250961"
+    assert bad["source"][0] == str(path)
+    got = events.sort("timestamp")
+    want = [r for r in ML_RATINGS if r[2] <= 5]
+    assert got["user_id"].to_list() == [r[0] for r in want]
+    assert got["value"].to_list() == [float(r[2]) for r in want]
+    assert set(got["behavior"]) == {"rating"}
+    genres = dict(zip(got["item_id"].to_list(), got["category_ids"].to_list(), strict=True))
+    assert {i: sorted(c) for i, c in genres.items()} == ML_GENRES  # genre flag positions
+
+
+def test_movielens_synthetic_prepares_with_rating_tokens(tmp_path):
+    from tests.data_fixtures import write_movielens
+
+    stats = prepare_local(
+        DataConfig(format="movielens", path=str(write_movielens(tmp_path))), tmp_path / "out"
+    )
+    # users 2 (one rating quarantined) and 3 are left with 2 events: too short to split
+    assert stats["quarantined_by_reason"]["bad_rating"] == stats["rows_quarantined"] == 1
+    assert (stats["n_users"], stats["users_too_short"], stats["n_interactions"]) == (1, 2, 3)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["request_behavior"] == "rating_high" and meta["timestamp_kind"] == "unix"
+
+
+def test_taobao_window_edges_from_the_shipped_config(tmp_path):
+    """jobs/configs/taobao.yaml's window on rows at, just inside and just outside each edge:
+    [min_timestamp, max_timestamp) keeps the lower edge and drops the upper one."""
+    from jobs.config import RunConfig
+    from rec.config_loader import load_config
+    from tests.conftest import ROOT
+    from tests.data_fixtures import TAOBAO_ROWS, write_taobao
+
+    path = write_taobao(tmp_path / "UserBehavior.csv")
+    cfg = load_config(RunConfig, ROOT / "jobs/configs/taobao.yaml", [f"data.path={path}"]).data
+    events, bad = read_all(cfg)
+    kept = sorted(r[4] for r in TAOBAO_ROWS if r[5])
+    assert sorted(events["timestamp"].to_list()) == kept
+    assert set(bad["reason"]) == {"timestamp_out_of_window"}
+    assert sorted(int(line.split(",")[-1]) for line in bad["raw"]) == sorted(
+        r[4] for r in TAOBAO_ROWS if not r[5]
+    )
+    lines = path.read_bytes().splitlines(keepends=True)
+    starts = [sum(len(x) for x in lines[:n]) for n in range(len(lines))]
+    early = [s for s, r in zip(starts, TAOBAO_ROWS, strict=True) if not r[5]]
+    assert sorted(bad["offset"].to_list()) == early  # byte offsets of the quarantined lines
+
+
+def test_iterated_kcore_on_a_four_pass_log(tmp_path):
+    from tests.data_fixtures import KCORE_COUNTS, KCORE_KEPT_USERS, write_kcore_log
+
+    path = write_kcore_log(tmp_path / "log.csv")
+    out = tmp_path / "out"
+    stats = prepare_local(DataConfig(format="taobao", path=str(path), kcore=2), out)
+    items = pl.read_parquet(out / "vocab" / "items.parquet")
+    assert dict(zip(items["item_id"], items["count"], strict=True)) == KCORE_COUNTS
+    assert set(pl.read_parquet(out / "test" / "*.parquet")["user_id"]) == KCORE_KEPT_USERS
+    assert (stats["n_users"], stats["n_items"]) == (2, 3)
+    plain = prepare_local(DataConfig(format="taobao", path=str(path)), tmp_path / "plain")
+    assert plain["n_users"] == 6  # without k-core every user has >= 3 events and stays

@@ -84,3 +84,25 @@ def test_the_model_learns_that_repeats_are_rare_or_common() -> None:
     for item in range(1, scores.shape[1]):
         extra = float(model.repeat_logit.detach()) if item in seen else 0.0
         assert abs(float(scores[row, item] - base[row, item]) - extra) < 1e-4
+
+
+def test_sampled_loss_subtracts_log_q_by_hand() -> None:
+    """Non-uniform proposal: each logit is h.e / tau - log q (the logQ correction, Yi et al.
+    2019), a negative equal to the target is masked. A flipped sign or a dropped correction
+    changes the loss (log_q varies by ~3 nats across items, far above float32 noise)."""
+    gen = torch.Generator().manual_seed(1)
+    n_items, d, tau = 12, 6, 0.5
+    h, table = torch.randn(3, d, generator=gen), torch.randn(n_items + 1, d, generator=gen)
+    targets, neg = torch.tensor([2, 7, 7]), torch.tensor([7, 1, 4, 11])
+    log_q = torch.log_softmax(3.0 * torch.randn(n_items + 1, generator=gen), 0)
+
+    def logit(row: int, item: int) -> float:
+        return float(h[row] @ table[item]) / tau - float(log_q[item])
+
+    want = []
+    for row in range(3):
+        cols = [logit(row, int(targets[row]))]
+        cols += [logit(row, int(j)) if j != targets[row] else float("-inf") for j in neg]
+        want.append(-F.log_softmax(torch.tensor(cols, dtype=torch.float64), 0)[0])
+    got = interest_sampled_loss(h, table[targets], targets, neg, table[neg], log_q, tau)
+    torch.testing.assert_close(got.double(), torch.stack(want).mean(), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,7 @@
 """Serve autoscaling on a local Ray: under load the ranker's replicas rise within their bounds
 and fall back to the minimum afterwards (small delays so the test runs in well under a minute).
+The load goes through the ingress's deployment handle, so no HTTP port is needed (none to race
+for); the ingress reaches the ranker through handles either way.
 """
 
 from __future__ import annotations
@@ -8,7 +10,6 @@ import asyncio
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
@@ -16,12 +17,11 @@ from rec.rerank import RerankConfig
 from serve.app import build_app
 from serve.catalog import Catalog
 from serve.config import AutoscalingSpec, DeploymentSpec, ServeConfig
+from serve.schemas import RecommendRequest
 from tests.serve_support import make_model_dir
 
 pytestmark = pytest.mark.ray
 
-PORT = 8128
-URL = f"http://127.0.0.1:{PORT}"
 APP = "rec_autoscale_test"
 MIN, MAX = 1, 2
 
@@ -44,11 +44,11 @@ def server(ray_local, tmp_path_factory):
             look_back_period_s=2.0,
         ),
     )
-    cfg = ServeConfig(port=PORT, max_k=20, ranker=ranker)
+    cfg = ServeConfig(max_k=20, ranker=ranker)
     app = build_app(cfg, RerankConfig(n_candidates=50), str(model_dir))
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(app, name=APP, route_prefix="/")
-    yield Catalog.load(model_dir / "export")
+    serve.start(proxy_location="Disabled")
+    handle = serve.run(app, name=APP, route_prefix=None)
+    yield Catalog.load(model_dir / "export"), handle
     serve.shutdown()
 
 
@@ -59,18 +59,19 @@ def ranker_replicas() -> int:
     return int(dep.replica_states.get("RUNNING", 0))
 
 
-async def closed_loop(catalog: Catalog, stop: threading.Event, concurrency: int) -> int:
-    async def one(client: httpx.AsyncClient, rng: np.random.Generator) -> int:
+async def closed_loop(server, stop: threading.Event, concurrency: int) -> int:
+    catalog, handle = server
+
+    async def one(rng: np.random.Generator) -> int:
         done = 0
         while not stop.is_set():
             history = catalog.item_ids[rng.integers(1, catalog.n_items, 5)].tolist()
-            resp = await client.post(f"{URL}/recommend", json={"history": history, "k": 10})
-            done += resp.status_code == 200
+            out = await handle.recommend.remote(RecommendRequest(history=history, k=10))
+            done += len(out["items"]) == 10
         return done
 
-    async with httpx.AsyncClient(timeout=30) as client:
-        rngs = [np.random.default_rng(i) for i in range(concurrency)]
-        return sum(await asyncio.gather(*(one(client, r) for r in rngs)))
+    rngs = [np.random.default_rng(i) for i in range(concurrency)]
+    return sum(await asyncio.gather(*(one(r) for r in rngs)))
 
 
 def test_ranker_scales_up_under_load_and_back_down(server) -> None:
@@ -80,18 +81,18 @@ def test_ranker_scales_up_under_load_and_back_down(server) -> None:
         target=lambda: served.append(asyncio.run(closed_loop(server, stop, 16)))
     )
     thread.start()
-    seen, deadline = [], time.time() + 60
+    seen, deadline = [], time.monotonic() + 60
     try:
-        while time.time() < deadline and max(seen, default=0) < MAX:
+        while time.monotonic() < deadline and max(seen, default=0) < MAX:
             seen.append(ranker_replicas())
-            time.sleep(0.5)
+            time.sleep(0.5)  # poll interval (the deadline bounds the wait)
     finally:
         stop.set()
         thread.join()
     assert max(seen) == MAX, seen  # rose to the bound
     assert served[0] > 0
-    deadline = time.time() + 60
-    while time.time() < deadline and ranker_replicas() > MIN:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and ranker_replicas() > MIN:
         seen.append(ranker_replicas())
         time.sleep(0.5)
     assert ranker_replicas() == MIN, seen  # fell back without load

@@ -36,9 +36,17 @@ def model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("serve_core"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small shared machine: one torch thread keeps timings predictable; restored afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def parts(model_dir):
-    torch.set_num_threads(1)
     model = load_export(model_dir / "export")
     catalog = Catalog.load(model_dir / "export")
     users = UserHistories.load(model_dir / "data", model.cfg.max_len)
@@ -139,12 +147,34 @@ def test_cold_start_is_popular_and_diverse(parts, model_dir, req) -> None:
     front, stages = frontend(parts, model_dir, similarity="category")
     out = run_sync(front.recommend(RecommendRequest(k=10, **req), stages))
     assert out["cold_start"] and out["lam_source"] == "cold_start" and len(out["items"]) == 10
+    assert out["lam"] == front.cfg.cold_start_lam == ServeConfig().cold_start_lam  # 0.7
     counts = parts[1].counts
     picked = [parts[1].index_of[item["id"]] for item in out["items"]]
     assert np.median(counts[picked]) >= np.percentile(counts[1:], 75)  # popular
     cats = torch.as_tensor(parts[1].categories)
-    top_pop = torch.as_tensor(np.argsort(-counts[1:], kind="stable")[:10] + 1)[None]
-    assert ild_jaccard(torch.tensor([picked]), cats) >= ild_jaccard(top_pop, cats)  # diverse
+    top_pop = np.argsort(-counts[1:], kind="stable")[:10] + 1  # the plain popular list
+    # lam 0 is exactly the popular order; the cold-start lam is strictly more diverse than it
+    plain = run_sync(front.recommend(RecommendRequest(k=10, lam=0.0, **req), stages))
+    assert [parts[1].index_of[i["id"]] for i in plain["items"]] == top_pop.tolist()
+    assert plain["lam_source"] == "request" and plain["cold_start"]
+    ild_top = float(ild_jaccard(torch.as_tensor(top_pop)[None], cats)[0])
+    assert float(ild_jaccard(torch.tensor([picked]), cats)[0]) > ild_top, ild_top
+
+
+def test_exclude_seen_false_may_show_history_items(parts, model_dir) -> None:
+    """The request's `exclude_seen: false` reaches retrieval: history items can come back
+    (they never do with the default true)."""
+    front, stages = frontend(parts, model_dir)
+    catalog, users = parts[1], parts[2]
+    shown = {True: 0, False: 0}
+    for user in list(users._histories)[:40]:
+        seen = set(catalog.item_ids[users.get(user)].tolist())
+        for exclude in (True, False):
+            req = RecommendRequest(user_id=user, k=20, lam=0.0, exclude_seen=exclude)
+            out = run_sync(front.recommend(req, stages))
+            assert len(out["items"]) == 20
+            shown[exclude] += len({item["id"] for item in out["items"]} & seen)
+    assert shown[True] == 0 and shown[False] > 0, shown
 
 
 def test_raising_lam_raises_ild(parts, model_dir) -> None:
@@ -200,8 +230,21 @@ def test_app_builder_and_serve_config_file(model_dir) -> None:
         app_builder({"model_dir": str(model_dir), "serve": {"max_k": 500}})
     with pytest.raises(ValueError, match="rerank_method"):  # a rerank: field, not a serve: one
         app_builder({"model_dir": str(model_dir), "serve": {"rerank_method": "mmr"}})
-    app = app_builder({"model_dir": str(model_dir), "rerank": {"method": "mmr"}})
-    assert app is not None
+    app = app_builder(
+        {"model_dir": str(model_dir), "rerank": {"method": "mmr"}, "serve": {"max_k": 30}}
+    )
+    ingress = app._bound_deployment  # what `serve.run(app)` would deploy, without Ray
+    handles, built_dir, cfg, rerank = ingress.init_args
+    assert ingress.name == "Ingress" and built_dir == str(model_dir)
+    assert cfg.max_k == 30 and rerank.method == "mmr"  # the args reach the deployments
+    assert {name: h._bound_deployment.name for name, h in handles.items()} == {
+        "retriever": "Retriever",
+        "ranker": "Ranker",
+    }  # no policy_dir: no Policy deployment
+    for name, handle in handles.items():
+        dep = handle._bound_deployment
+        assert dep.init_args[:2] == (name, str(model_dir)) and dep.init_args[3].method == "mmr"
+        assert dep.ray_actor_options["num_cpus"] > 0
     raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app_cfg,) = schema.applications
@@ -246,7 +289,8 @@ def test_stages_come_from_the_registry(parts, model_dir, tmp_path) -> None:
     from serve.stages import STAGES
     from tests.serve_support import make_policy_dir
 
-    assert build_app(ServeConfig(fused=True), RerankConfig(), str(model_dir)) is not None
+    fused = build_app(ServeConfig(fused=True), RerankConfig(), str(model_dir))._bound_deployment
+    assert fused.name == "Ingress" and fused.init_args[0] == {}  # no stage deployments
     front, local = frontend(parts, model_dir)
     _, with_policy = frontend(parts, model_dir, str(make_policy_dir(tmp_path)))
     assert local.names == {"retriever", "ranker"}

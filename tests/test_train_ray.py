@@ -17,6 +17,8 @@ from tests.conftest import ROOT
 
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
 
+pytestmark = pytest.mark.ray  # every test here trains on the session's local Ray
+
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, tmp_path_factory):
@@ -80,7 +82,29 @@ def test_train_zero2_export_and_metrics(tmp_path, prepared):
         assert torch.equal(exported[name], value.float()), name
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """A run's Ray Train checkpoints in the order they were reported (names are timestamps)."""
+    return sorted(p for p in (run_dir / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+
+
+def engine_steps(ckpt: Path) -> tuple[int, int]:
+    """(DeepSpeed global_steps, Adam's step count) saved in a checkpoint: the engine state a
+    restarted run continues, not the loop's own counters in state.json."""
+    ds = ckpt / "deepspeed" / "ds"
+    model = torch.load(ds / "mp_rank_00_model_states.pt", weights_only=False, map_location="cpu")
+    optim = torch.load(
+        ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False, map_location="cpu"
+    )
+    adam = optim["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["step"]
+    return int(model["global_steps"]), int(adam)
+
+
 def test_killed_worker_resumes_with_continuous_steps(tmp_path, prepared):
+    """Rank 1 dies at step 7 (in epoch 2: the smoke data has 5 steps an epoch). The run must
+    resume from epoch 1's checkpoint, weights and optimizer included: the checkpoints reported
+    after the failure start at epoch 2 with the engine's step counts continuing, and the
+    weights equal a run resumed from that checkpoint by `train.resume_from` (the README's
+    other resume path) -- not a run that started again from scratch."""
     cfg = smoke(
         tmp_path,
         prepared,
@@ -89,15 +113,43 @@ def test_killed_worker_resumes_with_continuous_steps(tmp_path, prepared):
         "train.early_stop_patience=null",
     )
     train_job.run(cfg)
-    assert (tmp_path / "ray" / "injected_failure").read_text() == "7"  # the failure did happen
-    states = []
-    for ckpt in sorted(p for p in (tmp_path / "ray" / "train").glob("checkpoint_*") if p.is_dir()):
-        states.append(json.loads((ckpt / "state.json").read_text()))
-    steps = [s["step"] for s in sorted(states, key=lambda s: s["epoch"])]
-    epochs = sorted(s["epoch"] for s in states)
-    assert epochs == [1, 2, 3]
-    per_epoch = steps[0]
-    assert steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    marker = tmp_path / "ray" / "injected_failure"
+    assert marker.read_text() == "7"  # the failure did happen
+    ckpts = checkpoints(tmp_path)
+    states = [json.loads((c / "state.json").read_text()) for c in ckpts]
+    per_epoch = states[0]["step"]
+    assert 0 < per_epoch < 7  # so the failure came after epoch 1's checkpoint
+    # reported order: epoch 1 before the failure, then 2 and 3 (a restart from scratch
+    # would report epoch 1 again after it)
+    before = [c for c in ckpts if (c / "state.json").stat().st_mtime < marker.stat().st_mtime]
+    assert [s["epoch"] for s in states] == [1, 2, 3] and before == ckpts[:1]
+    assert [s["step"] for s in states] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    for ckpt, state in zip(ckpts, states, strict=True):  # the engine resumed, not just counters
+        assert engine_steps(ckpt) == (state["step"], state["step"]), ckpt.name
+
+    # The same checkpoint resumed by train.resume_from for one epoch: the same epoch-2 state.
+    again = tmp_path / "again"
+    train_job.run(smoke(again, prepared, "train.epochs=2", f"train.resume_from={ckpts[0]}"))
+    (resumed,) = checkpoints(again)  # epoch 1 is not trained again
+    assert json.loads((resumed / "state.json").read_text())["epoch"] == 2
+    assert engine_steps(resumed) == engine_steps(ckpts[1])
+    start, failed, via_resume_from = (
+        flat_weights(c / "export" / "model.safetensors") for c in (ckpts[0], ckpts[1], resumed)
+    )
+    # Both epoch-2 states are one epoch of the same rows from the same checkpoint. Ray Data
+    # may hand the ranks their rows in another order (then the batches differ): measured 0 to
+    # 0.17 of the epoch's update apart. A run that did not load the checkpoint's weights is a
+    # whole epoch of training away from it (ratio >= ~1), so 0.5 separates the two.
+    ratio = float((failed - via_resume_from).norm() / (via_resume_from - start).norm())
+    assert ratio < 0.5, ratio
+
+
+def flat_weights(path: Path) -> torch.Tensor:
+    """All tensors of a safetensors file, by name, as one float vector."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return torch.cat([tensors[name].flatten().float() for name in sorted(tensors)])
 
 
 def test_zero3_bf16_path_runs_on_cpu(tmp_path, prepared):
@@ -133,6 +185,17 @@ def test_tune_sweep_writes_best_config(tmp_path, prepared):
     assert len(report["trials"]) == 2 and all(
         t["valid.ndcg@10"] is not None for t in report["trials"]
     )
+    # The trials' own results, as Tune recorded them (one JSON line per report), not the
+    # job's summary: the best trial is the one whose last valid NDCG@10 is highest.
+    own = []
+    for result in (tmp_path / "tune").rglob("result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        own.append((lines[-1]["valid.ndcg@10"], lines[-1]["config"]["trial"]))
+    assert len(own) == 2 and own[0][0] != own[1][0]
+    top_score, top = max(own, key=lambda x: x[0])
+    assert report["best"]["valid.ndcg@10"] == top_score and report["best"]["lr"] == top["lr"]
     best = load_config(RunConfig, tmp_path / "best.yaml")  # loads back as a run config
-    assert best.model.hidden_size in (16, 32)
-    assert best.train.lr == pytest.approx(report["best"]["lr"])
+    assert best.model.hidden_size == top["hidden_size"]
+    assert best.model.dropout == pytest.approx(top["dropout"])  # YAML float round trip
+    assert best.train.lr == pytest.approx(top["lr"])
+    assert sorted(t["valid.ndcg@10"] for t in report["trials"]) == sorted(x[0] for x in own)

@@ -15,7 +15,8 @@ class DataConfig:
     format: str = "synthetic"
     # File or directory to read. Amazon: the sequences file (`Beauty.txt[.gz]`), attributes
     # found beside it by name. MovieLens: the ml-100k directory or its tarball. Synthetic: where
-    # the generated log is written (default: <output_dir>/raw).
+    # the generated log is written (default: <output_dir>/raw). A local path or a URI
+    # (s3://bucket/logs/, gs://, abfs://; rec/storage.py), as every path setting.
     path: str | None = None
     # Generator settings, used when format == "synthetic".
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

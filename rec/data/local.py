@@ -6,6 +6,7 @@ It holds the whole log in memory: fine for a laptop-sized log, not for 100M rows
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from rec import storage
 from rec.data import outputs, readers, sequences
 from rec.data.config import DataConfig
 
@@ -20,24 +22,24 @@ from rec.data.config import DataConfig
 def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
     """Read, validate, clean, build vocabularies and sequences, write the splits; return stats."""
     t0 = time.perf_counter()
-    out = Path(output_dir).resolve()
+    out = storage.absolute(output_dir)
     outputs.reset_output(out)
     fmt = readers.get_format(cfg.format)
     if fmt.generate is not None:
-        raw = Path(cfg.path) if cfg.path else out / "raw"
-        if not any(raw.glob("*.parquet")):
-            fmt.generate(cfg.synthetic, raw)
-        cfg = replace(cfg, path=str(raw))
+        raw = cfg.path or storage.join(out, "raw")
+        if not storage.glob(raw, "*.parquet"):
+            _generate(fmt.generate, cfg, raw)
+        cfg = replace(cfg, path=raw)
     plan = readers.plan(cfg)
     events, bad = [], []
     for chunk in plan.chunks:
         for ev, q in readers.read_chunk(chunk, cfg, plan.files):
             events.append(ev)
             bad.append(q)
-    (out / "quarantine").mkdir(parents=True)
     quarantine = pa.concat_tables(bad)
     if quarantine.num_rows:
-        pl.from_arrow(quarantine).write_parquet(out / "quarantine" / "part-00000.parquet")
+        part = storage.join(out, "quarantine", "part-00000.parquet")
+        storage.write_parquet(pl.from_arrow(quarantine), part)
     log = pl.from_arrow(pa.concat_tables(events))
     clean, info = sequences.clean_bucket(log, cfg.dedupe, cfg.min_user_events)
     stats = sequences.item_stats(clean)
@@ -47,10 +49,19 @@ def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
     outputs.write_vocab(out, items, cats)
     seqs = sequences.build_sequences(clean, items, cfg.max_len, cfg.min_events())
     for split, frame in sequences.split_views(seqs, cfg.max_len).items():
-        (out / split).mkdir()
-        frame.write_parquet(out / split / "part-00000.parquet")
+        storage.write_parquet(frame, storage.join(out, split, "part-00000.parquet"))
     info.pop("rows_in")
     return outputs.finish(out, cfg, log.height, info, time.perf_counter() - t0)
+
+
+def _generate(generate, cfg: DataConfig, raw: str) -> None:
+    """The generator writes local files: into `raw` itself, or a temp dir uploaded to it."""
+    if not storage.is_uri(raw):
+        generate(cfg.synthetic, raw)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(cfg.synthetic, tmp)
+        storage.upload_dir(tmp, raw)
 
 
 def _kcore(clean: pl.DataFrame, stats: pl.DataFrame, cfg: DataConfig) -> pl.DataFrame:

@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from rec import storage
 from rec.data.config import DataConfig
 from rec.data.readers import get_format
 from rec.data.schema import ENGAGED_TOKENS, QUARANTINE_REASONS
@@ -27,49 +26,50 @@ SPLITS = ("train", "valid", "test")
 WORK_DIRS = ("_staging", "_clean", "_errors")
 
 
-def reset_output(out: Path) -> None:
-    """Remove what an earlier run of prepare wrote here (not anything else)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (*SPLITS, "vocab", "quarantine", *WORK_DIRS):
-        shutil.rmtree(out / name, ignore_errors=True)
-    for name in ("stats.json", "meta.json"):
-        (out / name).unlink(missing_ok=True)
+def reset_output(out: str) -> None:
+    """Remove what an earlier run of prepare wrote here (not anything else). `out` is a local
+    path or a URI (rec/storage.py), as everywhere in this module."""
+    storage.check(out)
+    storage.makedirs(out)
+    for name in (*SPLITS, "vocab", "quarantine", *WORK_DIRS, "stats.json", "meta.json"):
+        storage.delete(storage.join(out, name))
 
 
-def write_vocab(out: Path, items: pl.DataFrame, cats: pl.DataFrame) -> None:
-    (out / "vocab").mkdir(parents=True, exist_ok=True)
-    items.write_parquet(out / "vocab" / "items.parquet")
-    cats.write_parquet(out / "vocab" / "categories.parquet")
+def write_vocab(out: str, items: pl.DataFrame, cats: pl.DataFrame) -> None:
+    storage.write_parquet(items, storage.join(out, "vocab", "items.parquet"))
+    storage.write_parquet(cats, storage.join(out, "vocab", "categories.parquet"))
 
 
-def quarantine_counts(out: Path) -> dict[str, int]:
-    files = sorted((out / "quarantine").glob("*.parquet"))
+def quarantine_counts(out: str) -> dict[str, int]:
+    files = storage.glob(storage.join(out, "quarantine"), "*.parquet")
     counts = dict.fromkeys(QUARANTINE_REASONS, 0)
     if files:
-        agg = pl.scan_parquet(files).group_by("reason").len().collect()
+        reasons = pl.concat([storage.read_parquet(f, ["reason"]) for f in files])
+        agg = reasons.group_by("reason").len()
         for reason, n in agg.iter_rows():
             counts[reason] = int(n)
     return counts
 
 
 def finish(
-    out: Path,
+    out: str,
     cfg: DataConfig,
     rows_valid: int,
     clean_info: dict[str, int],
     seconds: float,
 ) -> dict:
     """Write meta.json and stats.json from what is now on disk; return the stats."""
-    items = pl.read_parquet(out / "vocab" / "items.parquet")
-    cats = pl.read_parquet(out / "vocab" / "categories.parquet")
-    test = pl.scan_parquet(out / "test" / "*.parquet")
-    per_user = test.select(pl.len().alias("users"), pl.col("n_events").sum().alias("events"))
-    users, interactions = per_user.collect().row(0) if (out / "test").exists() else (0, 0)
-    engaged = (
-        pl.scan_parquet(out / "train" / "*.parquet")
+    items = storage.read_parquet(storage.join(out, "vocab", "items.parquet"))
+    cats = storage.read_parquet(storage.join(out, "vocab", "categories.parquet"))
+    users, interactions = 0, 0
+    if storage.glob(storage.join(out, "test"), "*.parquet"):
+        test = storage.read_parquet(storage.join(out, "test"), ["n_events"])
+        users, interactions = test.height, test["n_events"].sum()
+    engaged = any(  # file by file, stopping at the first hit (the driver never holds it all)
+        storage.read_parquet(f, ["behaviors"])
         .select(pl.col("behaviors").explode().is_in(list(ENGAGED_TOKENS)).any())
-        .collect()
         .item()
+        for f in storage.glob(storage.join(out, "train"), "*.parquet")
     )
     quarantined = quarantine_counts(out)
     stats = {
@@ -95,10 +95,10 @@ def finish(
         "max_categories_per_item": int(items["category_idx"].list.len().max() or 0),
         "has_engaged_behaviors": bool(engaged),
     }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    storage.write_text(storage.join(out, "meta.json"), json.dumps(meta, indent=2))
+    storage.write_text(storage.join(out, "stats.json"), json.dumps(stats, indent=2))
     for name in WORK_DIRS:
-        shutil.rmtree(out / name, ignore_errors=True)
+        storage.delete(storage.join(out, name))
     return stats
 
 

@@ -32,6 +32,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rec import storage
 from rec.data.config import DataConfig
 from rec.data.parse import (
     TAOBAO_BEHAVIORS,
@@ -43,7 +44,17 @@ from rec.data.parse import (
 )
 from rec.data.schema import BEHAVIOR_TOKENS, BEHAVIORS
 from rec.data.synthetic import SyntheticConfig, generate
-from rec.data.textio import Chunk, DataError, check_file, head_lines, is_gzip, iter_blocks
+from rec.data.textio import (
+    Chunk,
+    DataError,
+    check_file,
+    file_size,
+    head_lines,
+    is_gzip,
+    iter_blocks,
+    open_arrow,
+    open_file,
+)
 from rec.data.textio import plan_text_chunks as _plan_text
 
 FILE_SHIFT = 44  # seq_no = file index << 44 | offset: global read order across files
@@ -161,24 +172,36 @@ def _read_amazon(chunk: Chunk, cfg: DataConfig, file_base: int):
         yield split_valid(parsed, chunk.path, file_base)
 
 
-def attributes_path(seq_path: str | Path) -> Path:
+def attributes_path(seq_path: str | Path) -> str | Path:
     """`Beauty.txt.gz` -> the `Beauty_item2attributes.json[.gz]` beside it."""
-    seq_path = Path(seq_path)
-    name = seq_path.name.split(".")[0]
+    text = str(seq_path)
+    parent, base = text.rsplit("/", 1) if "/" in text else ("", text)
+    name = base.split(".")[0]
     for suffix in (".json", ".json.gz"):
-        cand = seq_path.with_name(f"{name}_item2attributes{suffix}")
-        if cand.is_file():
-            return cand
+        cand = (
+            f"{parent}/{name}_item2attributes{suffix}"
+            if parent
+            else f"{name}_item2attributes{suffix}"
+        )
+        if _is_file(cand):
+            return cand if storage.is_uri(cand) else Path(cand)
     raise DataError(
         f"{seq_path}: attributes file {name}_item2attributes.json[.gz] not found beside it"
     )
 
 
-def _load_attributes(path: Path) -> pl.DataFrame:
-    opener = gzip.open if is_gzip(path) else open
+def _is_file(path: str) -> bool:
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            raw = json.load(f)
+        return bool(file_size(path) is not None)
+    except DataError:
+        return False
+
+
+def _load_attributes(path: str | Path) -> pl.DataFrame:
+    try:
+        with open_file(path) as f:
+            data = f.read()
+        raw = json.loads(gzip.decompress(data) if is_gzip(path) else data)
     except (OSError, EOFError, ValueError) as err:
         raise DataError(f"{path}: cannot read item attributes ({err})") from None
     if not isinstance(raw, dict):
@@ -196,15 +219,15 @@ def _load_attributes(path: Path) -> pl.DataFrame:
 
 def _movielens_members(path: str | Path) -> tuple[bytes, bytes]:
     """(u.data, u.item) bytes from an ml-100k directory or its tarball."""
-    path = Path(path)
-    if path.is_dir():
-        for root in (path, path / "ml-100k"):
-            if (root / "u.data").is_file() and (root / "u.item").is_file():
-                return (root / "u.data").read_bytes(), (root / "u.item").read_bytes()
+    if file_size(path) is None:
+        for root in (str(path), storage.join(path, "ml-100k")):
+            data, item = storage.join(root, "u.data"), storage.join(root, "u.item")
+            if _is_file(data) and _is_file(item):
+                return storage.read_bytes(data), storage.read_bytes(item)
         raise DataError(f"{path}: no u.data and u.item in this directory")
     check_file(path)
     try:
-        with tarfile.open(path) as tar:
+        with open_file(path) as raw, tarfile.open(fileobj=raw) as tar:
             found = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             if "u.data" not in found or "u.item" not in found:
                 raise DataError(f"{path}: tarball has no u.data and u.item")
@@ -262,9 +285,10 @@ def _plan_parquet(cfg: DataConfig) -> tuple[list[Chunk], list[Path | str]]:
 
 def _read_parquet(chunk: Chunk, cfg: DataConfig, file_base: int):
     """One row group per chunk."""
-    pf = pq.ParquetFile(chunk.path)
-    row_base = sum(pf.metadata.row_group(g).num_rows for g in range(chunk.start))
-    table = pf.read_row_group(chunk.start)
+    with open_arrow(chunk.path) as f:
+        pf = pq.ParquetFile(f)
+        row_base = sum(pf.metadata.row_group(g).num_rows for g in range(chunk.start))
+        table = pf.read_row_group(chunk.start)
     yield _parquet_rows(table, chunk.path, row_base, file_base, *cfg.window())
 
 
@@ -301,10 +325,13 @@ def _parquet_rows(
     return split_valid(parsed, path, file_base)
 
 
-def _list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+def _list_files(path: str | Path, suffixes: tuple[str, ...]) -> list[Path | str]:
+    if file_size(path) is None:  # a directory (or a prefix on object storage)
+        if storage.is_uri(path):
+            files = [f for f in storage.glob(path, "*") if f.endswith(suffixes)]
+        else:
+            found = Path(path).rglob("*")
+            files = sorted(p for p in found if p.is_file() and p.name.endswith(suffixes))
         if not files:
             raise DataError(f"{path}: directory holds no {'/'.join(suffixes)} files")
         return files
@@ -328,9 +355,10 @@ def _probe_delimited(path: Path, sep: str, n_fields: int, expected: str) -> None
         )
 
 
-def _parquet_groups(path: Path) -> int:
+def _parquet_groups(path: Path | str) -> int:
     try:
-        return pq.ParquetFile(path).metadata.num_row_groups
+        with open_arrow(path) as f:
+            return pq.ParquetFile(f).metadata.num_row_groups
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a readable parquet file ({err})") from None
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
+from rec import storage
 from rec.data.batch import make_examples
 from rec.data.outputs import item_category_table
 
@@ -32,11 +32,11 @@ class ItemTables:
 
 
 def load_item_tables(prepared_dir: str | Path) -> ItemTables:
-    prepared_dir = Path(prepared_dir)
-    meta = json.loads((prepared_dir / "meta.json").read_text())
-    items = pl.read_parquet(prepared_dir / "vocab" / "items.parquet")
+    """prepared_dir: a local path or a URI (rec/storage.py)."""
+    meta = json.loads(storage.read_text(storage.join(prepared_dir, "meta.json")))
+    items = storage.read_parquet(storage.join(prepared_dir, "vocab", "items.parquet"))
     categories = item_category_table(items, max(1, meta["max_categories_per_item"]))
-    train = pl.read_parquet(prepared_dir / "train" / "*.parquet", columns=["items"])
+    train = storage.read_parquet(storage.join(prepared_dir, "train"), columns=["items"])
     flat = train["items"].explode().drop_nulls().to_numpy()
     counts = np.bincount(flat, minlength=categories.shape[0]).astype(np.int64)
     return ItemTables(categories, counts, meta)
@@ -45,5 +45,5 @@ def load_item_tables(prepared_dir: str | Path) -> ItemTables:
 def load_examples(prepared_dir: str | Path, split: str, max_len: int) -> dict[str, np.ndarray]:
     """A whole split as padded example arrays (B, max_len), rows sorted by user_id (small
     splits, single process; `collate` makes them a Batch)."""
-    frame = pl.read_parquet(Path(prepared_dir) / split / "*.parquet").sort("user_id")
+    frame = storage.read_parquet(storage.join(prepared_dir, split)).sort("user_id")
     return make_examples(frame.to_dict(as_series=False), max_len)

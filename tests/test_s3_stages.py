@@ -1,0 +1,219 @@
+"""The data and training stages on object storage: a real S3 server (moto, over HTTP) holds
+the raw log and every artefact; the job's working directory stays empty.
+
+prepare -> train -> evaluate -> train_policy run through jobs.pipeline with `data.path` and
+`output_dir` on s3://; a training worker killed mid-run resumes from its checkpoint on S3; a
+bucket that does not exist stops a job with one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from jobs import pipeline
+from jobs import train as train_job
+from jobs.config import RunConfig
+from rec import storage
+from rec.config_loader import load_config
+from rec.data import readers, textio
+from rec.data.config import DataConfig
+from rec.data.synthetic import generate
+from tests.conftest import ROOT, TAOBAO, need
+
+pytest_plugins = ["tests.s3_server"]
+
+SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
+FAST = [  # the smoke run, smaller still where it does not change what is tested
+    "train.epochs=1",
+    "frontier.max_users=100",
+    "policy.iterations=2",
+    "policy.eval_episodes=50",
+    "pipeline.skip=[serve]",
+]
+
+
+@pytest.fixture(scope="module")
+def s3_ray(s3_server, ray_local, tmp_path_factory):
+    """The AWS variables pointed at the S3 server, a bucket, and a local Ray whose workers get
+    the same variables (a Ray started earlier in the session did not have them)."""
+    from tests.s3_server import create_bucket, point_aws_at
+
+    tmp = tmp_path_factory.mktemp("aws")
+    with pytest.MonkeyPatch.context() as mp:
+        point_aws_at(mp, s3_server.endpoint, tmp)
+        create_bucket(s3_server.endpoint, "stages")
+        env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        ray_local.shutdown()
+        ray_local.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": env},
+        )
+        yield "s3://stages"
+
+
+def in_empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def leftovers(cwd: Path) -> list[str]:
+    """What a job left in its working directory, logs excepted."""
+    return sorted(str(p.relative_to(cwd)) for p in cwd.rglob("*") if p.suffix != ".log")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(s3_ray, tmp_path_factory):
+    """The smoke pipeline (without serving) with its log and every output on S3."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    logs = storage.join(s3_ray, "logs", "synthetic")
+    generate(load_config(RunConfig, SMOKE).data.synthetic, tmp / "raw")
+    storage.upload_dir(tmp / "raw", logs)
+    out = storage.join(s3_ray, "runs", "r1")
+    cfg = load_config(
+        RunConfig, SMOKE, [f"data.path={logs}", "data.format=parquet", f"output_dir={out}", *FAST]
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        cwd = in_empty_cwd(tmp, mp)
+        summary = pipeline.run(cfg)
+    return out, summary, cwd
+
+
+@pytest.mark.ray
+def test_pipeline_stages_read_and_write_s3(pipeline_run):
+    out, summary, cwd = pipeline_run
+    for rel in (
+        "model/data/meta.json",
+        "model/data/stats.json",
+        "model/data/vocab/items.parquet",
+        "model/export/model.safetensors",
+        "model/export/model_config.json",
+        "model/export/vocab/items.parquet",
+        "model/export/checkpoint.json",
+        "model/metrics.json",
+        "frontier/frontier.json",
+        "frontier/frontier.png",
+        "policy/policy.json",
+        "policy/policy_eval.json",
+        "policy/policy_eval.png",
+        "policy/world.npz",
+        "pipeline_summary.json",
+    ):
+        assert storage.exists(storage.join(out, rel)), rel
+    for split in ("train", "valid", "test"):
+        assert storage.glob(storage.join(out, "model", "data", split), "*.parquet"), split
+    assert storage.glob(storage.join(out, "policy", "rl_module"), "*")
+    for work in ("_staging", "_clean", "_errors"):  # prepare's work files, under output_dir
+        assert not storage.exists(storage.join(out, "model", "data", work)), work
+    # Ray Train's run storage and the DeepSpeed checkpoints are on S3 too.
+    ckpt = json.loads(storage.read_text(storage.join(out, "model/export/checkpoint.json")))
+    assert ckpt["checkpoint"].startswith(f"{out}/model/ray/train/checkpoint_")
+    assert storage.glob(ckpt["checkpoint"], "deepspeed/*")
+    stats = json.loads(storage.read_text(storage.join(out, "model/data/stats.json")))
+    assert stats["n_users"] > 100 and stats["rows_quarantined"] == 0
+    saved = json.loads(storage.read_text(storage.join(out, "pipeline_summary.json")))
+    assert saved["quality"] == summary["quality"] and 0 < saved["quality"]["test.ndcg@10"] <= 1
+    assert set(summary["stage_seconds"]) == {"prepare", "train", "evaluate", "policy"}
+    assert leftovers(cwd) == []  # no `s3:` folder, no outputs in the job's cwd
+
+
+@pytest.mark.ray
+def test_killed_worker_resumes_from_checkpoint_on_s3(pipeline_run, tmp_path, monkeypatch):
+    out = storage.join(pipeline_run[0], "kill")
+    prepared = storage.join(pipeline_run[0], "model", "data")
+    cwd = in_empty_cwd(tmp_path, monkeypatch)
+    overrides = [f"output_dir={out}", f"train.prepared_dir={prepared}", "train.epochs=2"]
+    overrides += ["train.inject_failure_at_step=7", "train.early_stop_patience=null"]
+    train_job.run(load_config(RunConfig, SMOKE, overrides))
+    assert storage.read_text(storage.join(out, "ray", "injected_failure")) == "7"
+    states = [
+        json.loads(storage.read_text(storage.join(c, "state.json")))
+        for c in storage.listdir(storage.join(out, "ray", "train"))
+        if c.rsplit("/", 1)[-1].startswith("checkpoint_") and not c.endswith(".json")
+    ]
+    states.sort(key=lambda s: s["epoch"])
+    assert [s["epoch"] for s in states] == [1, 2]  # epoch 1 not run twice: resumed from S3
+    per_epoch = states[0]["step"]
+    assert per_epoch < 7  # the worker died in epoch 2, after epoch 1's checkpoint
+    assert [s["step"] for s in states] == [per_epoch, 2 * per_epoch]
+    assert leftovers(cwd) == []
+
+
+@pytest.mark.ray
+def test_resume_from_a_checkpoint_uri(pipeline_run, tmp_path, monkeypatch):
+    """train.resume_from=s3://...: the run continues from the first run's best checkpoint."""
+    out, _, _ = pipeline_run
+    ckpt = json.loads(storage.read_text(storage.join(out, "model/export/checkpoint.json")))
+    cwd = in_empty_cwd(tmp_path, monkeypatch)
+    overrides = [
+        f"output_dir={storage.join(out, 'resumed')}",
+        f"train.prepared_dir={storage.join(out, 'model', 'data')}",
+        f"train.resume_from={ckpt['checkpoint']}",
+        "train.epochs=2",
+    ]
+    metrics = train_job.run(load_config(RunConfig, SMOKE, overrides))
+    assert metrics["best.epoch"] == 2 and metrics["best.step"] == 2 * ckpt["step"]
+    assert leftovers(cwd) == []
+
+
+@pytest.mark.ray
+def test_missing_bucket_stops_a_job_with_one_line(s3_ray, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "jobs.pipeline", "--config", str(SMOKE)]
+    cmd += ["data.path=s3://no-such-bucket/logs/UserBehavior.csv.gz", "output_dir=s3://stages/x"]
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: s3://no-such-bucket/logs/"), lines
+    assert "does not exist" in lines[0]
+    assert leftovers(cwd) == []
+
+
+def test_raw_csv_gz_and_byte_ranges_read_the_same_from_s3(s3, tmp_path):
+    """The readers' chunks of a Taobao log on S3 hold exactly the rows of the local file."""
+    local = need(TAOBAO)
+    uri = storage.join(s3.uri, "logs", local.name)
+    storage.upload_dir(local, uri)
+
+    def rows(path: str) -> pl.DataFrame:
+        cfg = replace(DataConfig(), format="taobao", path=path)
+        plan = readers.plan(cfg)
+        return pl.concat(
+            pl.from_arrow(events)
+            for chunk in plan.chunks
+            for events, _ in readers.read_chunk(chunk, cfg, plan.files)
+        )
+
+    assert rows(uri).equals(rows(str(local)))
+    # A plain CSV cut into byte ranges: every line read once, from S3 as from disk.
+    plain = tmp_path / "log.csv"
+    plain.write_bytes(gzip.decompress(local.read_bytes()))
+    storage.upload_dir(plain, storage.join(s3.uri, "plain.csv"))
+    got = [
+        b
+        for ch in textio.plan_text_chunks(storage.join(s3.uri, "plain.csv"), 50_000)
+        for _, b in textio.iter_blocks(ch)
+    ]
+    assert len(got) > 5 and b"".join(got) == plain.read_bytes()
