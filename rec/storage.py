@@ -303,6 +303,16 @@ def _copy_file(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: 
             fout.write(chunk)
 
 
+def _files_or_raise(text: str, fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """`_list_files`, or one StorageError naming `text` (a bad bucket or nothing there)."""
+    with _errors(text, "list"):
+        files = _list_files(fs, path)
+    if not files:
+        check(text)  # names a missing bucket or refused credentials first
+        raise StorageError(f"{text}: not found (nothing at this path)")
+    return files
+
+
 def _list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     """Every file under `path` (recursive), or `path` itself when it is a file."""
     info = fs.get_file_info(path)
@@ -359,11 +369,7 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     src_text, dst_text = os.fspath(src), os.fspath(dst)
     src_fs, src_path = filesystem(src_text)
     dst_fs, dst_path = filesystem(dst_text)
-    with _errors(src_text, "list"):
-        files = _list_files(src_fs, src_path)
-    if not files:
-        check(src_text)
-        raise StorageError(f"{src_text}: not found (no files to copy)")
+    files = _files_or_raise(src_text, src_fs, src_path)
     check(dst_text)
     rels = [_relative(src_path, i.path) for i in files]
     targets = [f"{dst_path}/{rel}" if rel else dst_path for rel in rels]
@@ -397,11 +403,7 @@ def fingerprint(p: str | os.PathLike) -> str:
 def _fingerprint(text: str) -> tuple[str, bool]:
     """(fingerprint, whether `text` is a single file); StorageError when nothing is there."""
     fs, path = filesystem(text)
-    with _errors(text, "list"):
-        files = _list_files(fs, path)
-    if not files:
-        check(text)
-        raise StorageError(f"{text}: not found (nothing at this path)")
+    files = _files_or_raise(text, fs, path)
     h = hashlib.sha256()
     for i in files:
         mtime = i.mtime_ns if i.mtime_ns is not None else -1

@@ -156,3 +156,19 @@ def s3_server_auth(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
         yield S3Env(server.endpoint, "locked")
     finally:
         server.stop()
+
+
+def checkpoint_states(output_dir: str) -> list[dict]:
+    """The `state.json` of every Ray Train checkpoint a train job kept under `output_dir`
+    (local or URI), by epoch: what the resume tests compare."""
+    import json
+
+    from rec import storage
+
+    runs = storage.join(output_dir, "ray", "train")
+    states = [
+        json.loads(storage.read_text(storage.join(c, "state.json")))
+        for c in storage.listdir(runs)
+        if c.rsplit("/", 1)[-1].startswith("checkpoint_") and not c.endswith(".json")
+    ]
+    return sorted(states, key=lambda s: s["epoch"])

@@ -28,6 +28,7 @@ from rec.data import readers, textio
 from rec.data.config import DataConfig
 from rec.data.synthetic import generate
 from tests.conftest import ROOT, TAOBAO, need
+from tests.s3_server import checkpoint_states
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -140,12 +141,7 @@ def test_killed_worker_resumes_from_checkpoint_on_s3(pipeline_run, tmp_path, mon
     overrides += ["train.inject_failure_at_step=7", "train.early_stop_patience=null"]
     train_job.run(load_config(RunConfig, SMOKE, overrides))
     assert storage.read_text(storage.join(out, "ray", "injected_failure")) == "7"
-    states = [
-        json.loads(storage.read_text(storage.join(c, "state.json")))
-        for c in storage.listdir(storage.join(out, "ray", "train"))
-        if c.rsplit("/", 1)[-1].startswith("checkpoint_") and not c.endswith(".json")
-    ]
-    states.sort(key=lambda s: s["epoch"])
+    states = checkpoint_states(out)
     assert [s["epoch"] for s in states] == [1, 2]  # epoch 1 not run twice: resumed from S3
     per_epoch = states[0]["step"]
     assert per_epoch < 7  # the worker died in epoch 2, after epoch 1's checkpoint

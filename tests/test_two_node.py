@@ -21,7 +21,7 @@ import yaml
 from rec import storage
 from tests.cluster_helpers import BIN, free_port, local_head, local_worker
 from tests.conftest import ROOT
-from tests.s3_server import create_bucket, point_aws_at
+from tests.s3_server import checkpoint_states, create_bucket, point_aws_at
 
 pytestmark = pytest.mark.ray
 pytest_plugins = ["tests.s3_server"]
@@ -207,12 +207,7 @@ def test_killed_training_worker_resumes_from_its_checkpoint_on_s3(cluster, pipel
     job = head.submit(entry, runtime_env=runtime_env())
     head.wait(job, timeout=PIPELINE_DEADLINE_S)
     assert storage.read_text(storage.join(out, "ray", "injected_failure")) == "7"
-    states = [
-        json.loads(storage.read_text(storage.join(c, "state.json")))
-        for c in storage.listdir(storage.join(out, "ray", "train"))
-        if c.rsplit("/", 1)[-1].startswith("checkpoint_") and not c.endswith(".json")
-    ]
-    states.sort(key=lambda s: s["epoch"])
+    states = checkpoint_states(out)
     assert [s["epoch"] for s in states] == [1, 2, 3]
     per_epoch = states[0]["step"]
     assert [s["step"] for s in states] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
