@@ -16,6 +16,12 @@ from pathlib import Path
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
 
 
+def _current_export(run: Path) -> Path:
+    """The export's current version (a published artefact root: CURRENT names it)."""
+    current = run / "export" / "CURRENT"
+    return run / "export" / (current.read_text().strip() if current.exists() else "missing")
+
+
 def main(out: Path) -> None:
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
@@ -26,7 +32,7 @@ def main(out: Path) -> None:
         metrics_path = run / "metrics.json"
         wall_path = out / f"{run.name}.wall.json"
         wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
-        config_path = run / "export" / "model_config.json"
+        config_path = _current_export(run) / "model_config.json"
         m = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
         if m is None and config_path.exists():
             m = _from_log(out / f"{run.name}.log")  # cut after training (e.g. by a timeout)

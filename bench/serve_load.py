@@ -103,6 +103,8 @@ def start_server(config: str, overrides: list[str], base: str) -> subprocess.Pop
         except httpx.HTTPError:
             pass
         time.sleep(1.0)
+    os.killpg(proc.pid, 2)  # never leave a half-started server (and its Ray) behind
+    proc.wait(timeout=60)
     raise RuntimeError("server did not become healthy within 240 s")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from rec import storage
+from rec import artifacts, storage
 from rec.artifacts import ArtifactError
 from rec.config_loader import ConfigError, load_config
 from rec.data.textio import DataError
@@ -109,6 +109,20 @@ def prepared_dir(cfg: RunConfig, model_dir: str | Path | None = None) -> str:
     if cfg.train.prepared_dir:
         return storage.absolute(cfg.train.prepared_dir)
     return storage.join(storage.absolute(model_dir or cfg.output_dir), "data")
+
+
+def verified_prepared(cfg: RunConfig, model_dir: str | Path | None = None) -> str:
+    """The current version of the run's prepared data (`prepared_dir`), every file checked
+    against its MANIFEST.json (sha256): what Ray readers on any node then read. A missing,
+    truncated or altered file: ArtifactError naming it (exit 2)."""
+    return artifacts.verify(prepared_dir(cfg, model_dir)).path
+
+
+def verified_export(model_dir: str | Path) -> Path:
+    """A verified local copy of `<model_dir>/export`'s current version (a local version is
+    read in place): what load_export and the vocabulary readers open."""
+    export = storage.join(storage.absolute(model_dir), "export")
+    return artifacts.fetch_verified(export, storage.default_cache())[0]
 
 
 def check_locations(cfg: RunConfig) -> None:

@@ -46,7 +46,8 @@ class RunConfig:
     output_dir: str = "outputs/smoke"
     # A train job's output_dir (its export/ and data/), read by evaluate, train_policy, serve.
     model_dir: str | None = None
-    # A train_policy job's output_dir (its rl_module/ and policy.json), read by serve.
+    # A train_policy job's output_dir (CURRENT names the version with rl_module/ and
+    # policy.json), read by serve.
     policy_dir: str | None = None
     # Raw data source and sequence building (rec/data/config.py).
     data: DataConfig = field(default_factory=DataConfig)

@@ -26,7 +26,13 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import check_locations, main_guard, parse_args, prepared_dir
+from jobs.common import (
+    check_locations,
+    main_guard,
+    parse_args,
+    verified_export,
+    verified_prepared,
+)
 from jobs.config import RunConfig
 from rec import storage
 from rec.config_loader import ConfigError
@@ -40,12 +46,10 @@ def run(cfg: RunConfig) -> dict:
     if not cfg.model_dir:
         raise ConfigError("model_dir: required (a train job's output_dir, with export/ and data/)")
     check_locations(cfg)
-    export = storage.join(cfg.model_dir, "export")  # local paths or URIs (rec/storage.py)
-    prepared = prepared_dir(cfg, cfg.model_dir)
-    for path, what in ((export, "export"), (storage.join(prepared, "meta.json"), "prepared data")):
-        if not storage.exists(path):
-            raise ConfigError(f"model_dir: no {what} at {str(path)!r}")
-    local_export = storage.local_copy(export, storage.default_cache())
+    # The export's current version copied and verified (sha256), the data's verified in place:
+    # a missing, truncated or altered file stops the job with one line naming it (exit 2).
+    local_export = verified_export(cfg.model_dir)
+    prepared = verified_prepared(cfg, cfg.model_dir)
     result = compute_frontier(local_export, prepared, cfg.frontier, cfg.rerank)
     result["model_dir"] = cfg.model_dir
     with storage.staged_dir(cfg.output_dir) as out:  # uploaded at the end to a URI

@@ -28,7 +28,7 @@ from jobs import evaluate, prepare, train, train_policy
 from jobs import serve as serve_job
 from jobs.common import RayConfig, check_locations, main_guard, parse_args
 from jobs.config import RunConfig
-from rec import storage
+from rec import artifacts, storage
 from rec.config_loader import ConfigError
 
 
@@ -43,7 +43,7 @@ def run(cfg: RunConfig) -> dict:
         join(out, "policy"),
     )
     done = {  # a stage's result, whose presence lets `resume` skip it
-        "prepare": join(model_dir, "data", "meta.json"),
+        "prepare": join(model_dir, "data", artifacts.CURRENT),
         "train": join(model_dir, "metrics.json"),
         "evaluate": join(frontier_dir, "frontier.json"),
         "policy": join(policy_dir, "policy_eval.json"),
@@ -113,7 +113,7 @@ def deploy_and_probe(cfg: RunConfig, model_dir: str, policy_dir: str) -> dict:
     """Deploy the app (not blocking) and send it one real request."""
     if not storage.exists(storage.join(model_dir, "export")):
         raise ConfigError(f"serve needs a trained model at {model_dir}/export (run train)")
-    policy = policy_dir if storage.exists(storage.join(policy_dir, "policy.json")) else None
+    policy = policy_dir if artifacts.published(policy_dir) else None
     url = serve_job.run(replace(cfg, model_dir=model_dir, policy_dir=policy), block=False)
     body = {"user_id": _example_user(model_dir), "k": 10}
     answer = httpx.post(f"{url}/recommend", json=body, timeout=60).json()
@@ -125,7 +125,8 @@ def deploy_and_probe(cfg: RunConfig, model_dir: str, policy_dir: str) -> dict:
 
 def _example_user(model_dir: str) -> int:
     """A real user of the test split: the request then uses their logged history."""
-    test = storage.read_parquet(storage.join(model_dir, "data", "test"), columns=["user_id"])
+    data = artifacts.resolve(storage.join(model_dir, "data"))
+    test = storage.read_parquet(storage.join(data, "test"), columns=["user_id"])
     return int(test["user_id"].min())
 
 

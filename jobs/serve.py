@@ -18,6 +18,7 @@ import time
 
 from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
+from rec import artifacts, storage
 from rec.config_loader import ConfigError
 
 
@@ -30,6 +31,11 @@ def run(cfg: RunConfig, block: bool = True) -> str:
     if cfg.model_dir is None:
         raise ConfigError("model_dir is required: a train job's output_dir (with export/)")
     check_locations(cfg)  # a URI whose bucket cannot be reached: one line, exit 2
+    # A bad artefact: one line and exit 2 here, before any replica fails on it. Remote ones
+    # only by listing (sizes); each replica hashes its own node-local copy anyway.
+    for root in (storage.join(cfg.model_dir, "export"), cfg.policy_dir):
+        if root:
+            artifacts.verify(root, hashes=not storage.is_uri(root))
     try:
         app = build_app(cfg.serve, cfg.rerank, cfg.model_dir, cfg.policy_dir)
     except ValueError as err:  # missing artifacts: a config problem, not a crash

@@ -3,7 +3,9 @@
     python -m jobs.train --config jobs/configs/beauty.yaml output_dir=outputs/beauty
 
 Prepares the data into <output_dir>/data first if it is not there. Writes:
-  <output_dir>/export/       serving export: model.safetensors + model_config.json + vocab/
+  <output_dir>/export/       serving export (model.safetensors + model_config.json + vocab/),
+                             published as a new version v-.../ with MANIFEST.json; CURRENT
+                             names it (verify: python -m rec.artifacts <output_dir>/export)
   <output_dir>/metrics.json  test.* (history included, as S3-Rec/RecBole), test_unseen.*
                              (history excluded), popular.test.*, best valid.*, timings
   <output_dir>/ray/          Ray Train run: DeepSpeed checkpoints per epoch
@@ -18,7 +20,8 @@ import time
 from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from jobs.training import final_test_metrics, publish_best, train_spec
-from rec import storage
+from rec import artifacts, storage
+from rec.config_loader import ConfigError
 from rec.data.splits import load_item_tables
 from rec.train import describe, fit
 
@@ -34,13 +37,20 @@ def run(cfg: RunConfig) -> dict:
     prepared = spec.prepared_dir
     # A fresh run each time: Ray Train would otherwise continue an earlier run stored under
     # the same name. To continue one on purpose, pass train.resume_from=<checkpoint dir>.
-    storage.delete(storage.join(out, "ray", "train"))
+    run_dir = storage.join(out, "ray", "train")
+    resume = cfg.train.resume_from
+    if resume and (storage.absolute(resume) + "/").startswith(run_dir + "/"):
+        raise ConfigError(f"train.resume_from is inside {run_dir}, which a run clears first: "
+                          "copy the checkpoint elsewhere or use another output_dir")  # fmt: skip
+    if resume:  # a damaged checkpoint: one line before Ray Train starts, not a worker traceback
+        artifacts.verify(storage.absolute(resume))
+    storage.delete(run_dir)
     info = describe(spec, load_item_tables(prepared))
     print(f"[train] {info['parameters']:,} parameters; data {prepared}", flush=True)
     result = fit(spec)
     if result.error:
         raise result.error
-    export = publish_best(result, prepared, storage.join(out, "export"))
+    export = publish_best(result, prepared, storage.join(out, "export"), cfg)
     metrics = final_test_metrics(export, prepared, cfg.train.eval_batch_size)
     metrics |= {"parameters": info["parameters"], "seconds": round(time.perf_counter() - t0, 1)}
     metrics_path = storage.join(out, "metrics.json")

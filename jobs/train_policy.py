@@ -8,7 +8,8 @@ r"""Learn a policy that picks the DPP diversity weight lam per slate, with RLlib
 2. Calibration: leaving (and, on logs with real sessions, satiation) fitted to the log.
 3. PPO on RLlib's new API stack (rl/train.py), env runners on Ray, training users only; the
    episode return is printed each iteration.
-4. The RLModule is saved to output_dir/rl_module (loads without the Algorithm: `rl.policy`).
+4. The RLModule and policy.json are published as a new version of output_dir (v-.../ with
+   MANIFEST.json, then CURRENT switches; loads without the Algorithm and verifies: `rl.policy`).
 5. Evaluation on held-out users, the same seeded episodes for every arm: the policy, lam =
    0, 0.1, ..., 1 and a random lam -> policy_eval.json, policy_eval.png.
 Expect a few minutes on 2 CPUs with the default 40 iterations.
@@ -16,11 +17,14 @@ Expect a few minutes on 2 CPUs with the default 40 iterations.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
-from rec import storage
+from rec import artifacts, storage
 from rec.config_loader import ConfigError
 from rl.arms import split_users
 from rl.calibrate import apply_calibration
@@ -36,8 +40,8 @@ def run(cfg: RunConfig) -> dict:
     check_locations(cfg)
     with storage.staged_dir(cfg.output_dir) as out:  # a local folder, uploaded to a URI at the end
         report = _run(cfg, out)
-    published = [storage.join(cfg.output_dir, n) for n in ("policy_eval.json", MODULE_DIR)]
-    print(f"wrote {', '.join(published)} and policy_eval.png, policy.json, world.npz")
+    published = [storage.join(cfg.output_dir, n) for n in ("policy_eval.json", artifacts.CURRENT)]
+    print(f"wrote {', '.join(published)} and policy_eval.png, world.npz")
     return report
 
 
@@ -62,12 +66,16 @@ def _run(cfg: RunConfig, out) -> dict:
     )
 
     init_ray(cfg.ray)
-    curve = fit(pc, world_ref, env_cfg, train_users, out / MODULE_DIR, cfg.rerank)
-    write_policy_meta(
-        out, env_cfg, {"algorithm": "PPO", "calibrated": changed, "model_dir": str(cfg.model_dir)}
-    )
-
-    policy = LamPolicy.load(out)  # the saved module, exactly as Serve will load it
+    with tempfile.TemporaryDirectory(prefix="raydiv-policy-") as tmp:
+        curve = fit(pc, world_ref, env_cfg, train_users, Path(tmp) / MODULE_DIR, cfg.rerank)
+        extra = {"algorithm": "PPO", "calibrated": changed, "model_dir": str(cfg.model_dir)}
+        write_policy_meta(Path(tmp), env_cfg, extra)
+        dest = storage.absolute(cfg.output_dir)
+        version = artifacts.publish(
+            tmp, dest, kind="policy", producer="jobs.train_policy", config=asdict(pc)
+        )
+    print(f"published the policy {version}")
+    policy = LamPolicy.load(dest)  # the published module, verified, exactly as Serve loads it
     report = evaluate_arms(
         data, env_cfg, eval_users, policy.arm(), pc.eval_episodes, pc.seed + 10_000, cfg.rerank
     )

@@ -3,15 +3,17 @@ trains on and its TrainSpec before, the best checkpoint's serving export and its
 metrics after.
 
     spec = train_spec(cfg, storage_dir=join(out, "ray"))  # prepares the data if missing
-    export = publish_best(fit(spec), spec.prepared_dir, join(out, "export"))
+    export = publish_best(fit(spec), spec.prepared_dir, join(out, "export"), cfg)
     metrics = final_test_metrics(export, spec.prepared_dir, batch_size=256)
 
-Every path here is a local path or a URI (rec/storage.py); the export is built in a local
-temporary folder and then published in one place.
+Every path here is a local path or a URI (rec/storage.py). The prepared data is read from its
+verified current version; the export is built in a local temporary folder and published as a
+new version of `<out>/export` (rec/artifacts.py: MANIFEST.json, then CURRENT switches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -23,12 +25,13 @@ import torch
 
 from jobs.common import prepared_dir
 from jobs.config import RunConfig
-from rec import storage
+from rec import artifacts, storage
 from rec.data.batch import collate, length_batches
 from rec.data.splits import load_examples, load_item_tables
 from rec.evaluation import evaluate
 from rec.export import load_export
 from rec.model import ModelConfig
+from rec.ray_checkpoints import lineage
 from rec.ray_prepare import prepare
 from rec.train import SCORE, TrainSpec, count_steps_per_epoch
 
@@ -39,8 +42,9 @@ def train_spec(cfg: RunConfig, storage_dir: str | Path) -> TrainSpec:
     """The TrainSpec of a run; its prepared data (`jobs.common.prepared_dir`) is made first
     when it is not there yet. storage_dir: where Ray Train keeps this run's checkpoints."""
     prepared = prepared_dir(cfg)
-    if not storage.exists(storage.join(prepared, "meta.json")):
+    if not artifacts.published(prepared):
         prepare(cfg.data, prepared)
+    prepared = artifacts.verify(prepared).path  # the version every worker reads
     meta = json.loads(storage.read_text(storage.join(prepared, "meta.json")))
     return TrainSpec(
         model=model_for_data(cfg.model, meta),
@@ -60,23 +64,35 @@ def model_for_data(model: ModelConfig, meta: dict) -> ModelConfig:
     return model
 
 
-def publish_best(result: ray.train.Result, prepared: str, dest: str) -> str:
-    """Publish the best checkpoint's serving export (by valid NDCG@10) with the vocabularies
-    at `dest` (local or URI): built in a local temporary folder, then moved or uploaded."""
-    scored = [(m.get(SCORE, float("-inf")), c) for c, m in result.best_checkpoints]
+def publish_best(result: ray.train.Result, prepared: str, dest: str, cfg: RunConfig) -> str:
+    """Publish the best checkpoint's serving export (by valid NDCG@10): `publish_export`."""
+    # Continued with train.resume_from: the earlier run's validated epochs compete too.
+    ckpts = [*result.best_checkpoints, *lineage(cfg.train.resume_from)]
+    scored = [(m.get(SCORE, float("-inf")), c) for c, m in ckpts]
     best = max(scored, key=lambda x: x[0])[1] if scored else result.checkpoint
+    with best.as_directory() as d:
+        artifacts.verify(str(d))  # sealed by rec.ray_checkpoints: export only what is intact
+        uri = storage.to_uri(best.filesystem, best.path)
+        return publish_export(Path(d), uri, prepared, dest, dataclasses.asdict(cfg))
+
+
+def publish_export(checkpoint_dir: Path, checkpoint: str, prepared: str, dest: str, config) -> str:
+    """A checkpoint's export/ with the data's vocabularies and meta.json, published as a new
+    version of the artefact root `dest` (local or URI; kind "export"): built in a local
+    temporary folder, published with its MANIFEST.json, then CURRENT switches. Returns `dest`,
+    the path users pass around (`python -m rec.artifacts DEST` verifies it)."""
     with tempfile.TemporaryDirectory(prefix="raydiv-export-") as tmp:
         build = Path(tmp) / "export"
-        with best.as_directory() as d:
-            shutil.copytree(Path(d) / "export", build)
-            state = json.loads((Path(d) / "state.json").read_text())
+        shutil.copytree(checkpoint_dir / "export", build)
+        state = json.loads((checkpoint_dir / "state.json").read_text())
         storage.download_dir(storage.join(prepared, "vocab"), build / "vocab")
         meta = storage.read_bytes(storage.join(prepared, "meta.json"))
         (build / "data_meta.json").write_bytes(meta)
-        checkpoint = storage.to_uri(best.filesystem, best.path)
         (build / "checkpoint.json").write_text(json.dumps({"checkpoint": checkpoint, **state}))
-        storage.delete(dest)
-        storage.upload_dir(build, dest)
+        version = artifacts.publish(
+            build, dest, kind="export", producer="jobs.train", config=config
+        )
+    print(f"[train] published the export {version}", flush=True)
     return dest
 
 
@@ -89,7 +105,8 @@ def final_test_metrics(export: str, prepared: str, batch_size: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    export = storage.local_copy(export, storage.default_cache())  # local paths as they are
+    export, _ = artifacts.fetch_verified(str(export), storage.default_cache())
+    prepared = artifacts.resolve(str(prepared))  # a version (as train_spec gives) is itself
     model = load_export(export, device=device)
     tables = load_item_tables(prepared)
     test = collate(load_examples(prepared, "test", model.cfg.max_len))

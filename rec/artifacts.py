@@ -216,9 +216,41 @@ def fetch_verified(path: str, cache_root: str | os.PathLike) -> tuple[Path, Mani
     try:
         return local, verify(os.fspath(local))
     except ArtifactError as err:
-        raise ArtifactError(
-            f"{version}: {str(err).removeprefix(f'{local}: ')} [in local copy {local}]"
-        ) from None
+        raise ArtifactError(_from_copy(version, "", local, err)) from None
+
+
+def fetch_subdir(path: str, rel: str, cache_root: str | os.PathLike) -> Path | None:
+    """A verified local copy of one folder `rel` of the artefact at `path` (e.g. the test
+    split of prepared data, for a Serve replica that needs nothing else); None when the
+    manifest lists no file under it. Only that folder is copied and hashed."""
+    version = resolve(path)
+    entries = [e for e in _read_manifest(version, MANIFEST).files if e.path.startswith(rel + "/")]
+    if not entries:
+        return None
+    local = storage.local_copy(storage.join(version, rel), cache_root)
+    shifted = [dataclasses.replace(e, path=e.path[len(rel) + 1 :]) for e in entries]
+    try:
+        sizes = _listing(os.fspath(local))
+        for entry in shifted:
+            _check_size(os.fspath(local), entry, sizes.get(entry.path))
+        _check_hashes(os.fspath(local), shifted)
+    except ArtifactError as err:
+        raise ArtifactError(_from_copy(version, f"{rel}/", local, err)) from None
+    return local
+
+
+def _from_copy(version: str, rel: str, local: Path, err: ArtifactError) -> str:
+    """An error found in a local copy, named by the source version (and the copy, if not it)."""
+    what = f"{version}: {rel}{str(err).removeprefix(f'{local}: ')}"
+    return what if os.fspath(local) == version else f"{what} [in local copy {local}]"
+
+
+def published(path: str) -> bool:
+    """Whether `path` is an artefact a reader can resolve (a root with CURRENT, or a folder
+    holding MANIFEST.json); it may still fail verification."""
+    return storage.exists(storage.join(path, CURRENT)) or storage.exists(
+        storage.join(path, MANIFEST)
+    )
 
 
 def versions(dest: str) -> list[str]:

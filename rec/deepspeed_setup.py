@@ -10,12 +10,27 @@ otherwise the engine wraps torch's AdamW and `rec.schedule.lr_lambda`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from rec.schedule import lr_lambda
 from rec.train_config import TrainConfig
+
+
+def full_parameters(engine, zero_stage: int) -> contextlib.AbstractContextManager:
+    """Every parameter whole on every rank for code that is not the module's forward.
+
+    ZeRO-3 gathers a partitioned parameter only inside the forward hooks of the module that
+    owns it; validation calls other methods (`next_item_scores` reads `repeat_logit` and the
+    item table directly), which would see empty shards. Below stage 3 nothing is partitioned.
+    """
+    if zero_stage < 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
 def worker_env(cfg: TrainConfig, extensions_dir: str) -> None:
@@ -30,6 +45,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     """The DeepSpeed config dict: micro-batch, accumulation, clipping, ZeRO stage, precision."""
     ds = cfg.deepspeed
     zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3 and ds.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = ds.param_persistence_threshold
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     out = {

@@ -19,6 +19,7 @@ any node read what tasks on other nodes wrote when the output is on object stora
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -30,26 +31,43 @@ import polars as pl
 import pyarrow as pa
 import ray
 
-from rec import storage
+from rec import artifacts, storage
 from rec.data import outputs, readers, sequences
 from rec.data.config import DataConfig
 from rec.data.textio import DataError, file_size
 
 BUCKET_BYTES = 64 << 20  # raw input bytes per user bucket, roughly
 MERGE_EVERY = 16  # partial item-stat tables merged on the driver at a time
+MIN_BUCKETS = 8  # tasks per stage on small inputs, whatever the cluster's size
 
 
 def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
-    """Run the pipeline into `output_dir`; return the stats written to stats.json."""
+    """Run the pipeline into a new version of the artefact root `output_dir` (rec/artifacts.py:
+    built in a staging folder, sealed with MANIFEST.json, then CURRENT switches to it); return
+    the stats written to stats.json. A failed run leaves the current version as it was."""
     t0 = time.perf_counter()
-    out = storage.absolute(output_dir)
+    root = storage.absolute(output_dir)
     if cfg.path:
         storage.check(cfg.path)
-    outputs.reset_output(out)
+    storage.makedirs(root)
+    staging = artifacts.begin(root)
+    try:
+        stats = _run(cfg, root, staging)
+    except BaseException:
+        with contextlib.suppress(storage.StorageError):
+            storage.delete(staging)  # best effort: without a manifest it is never read
+        raise
+    version = artifacts.commit(staging, kind="prepared", producer="jobs.prepare", config=cfg)
+    _log(f"published {version} in {time.perf_counter() - t0:.1f} s")
+    return stats
+
+
+def _run(cfg: DataConfig, root: str, out: str) -> dict:
+    """The stages, writing under the staging folder `out` (synthetic raw logs under `root`)."""
     try:
         fmt = readers.get_format(cfg.format)
         if fmt.generate is not None:
-            cfg = _generate(cfg, out, fmt.generate)
+            cfg = _generate(cfg, root, fmt.generate)
         plan = readers.plan(cfg)
         n_buckets = cfg.num_buckets or _auto_buckets(plan)
         _log(
@@ -75,7 +93,7 @@ def prepare(cfg: DataConfig, output_dir: str | Path) -> dict:
             raise cause from None
         raise
     rows_valid = clean_info.pop("rows_in")
-    return outputs.finish(out, cfg, rows_valid, clean_info, time.perf_counter() - t0)
+    return outputs.finish(out, cfg, rows_valid, clean_info)
 
 
 def _ingest(plan: readers.Plan, cfg: DataConfig, out: str, n_buckets: int) -> None:
@@ -187,16 +205,12 @@ def _kcore_bucket(batch: pa.Table, cfg: DataConfig, out: str, items_path: str) -
 
 
 def _sequences(buckets: list[int], cfg: DataConfig, out: str) -> None:
-    seqs = _over_buckets(buckets, _bucket_sequences, {"cfg": cfg, "out": out}).materialize()
-    for split in outputs.SPLITS:
-        view = seqs.map_batches(
-            _split_view,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"split": split, "max_len": cfg.max_len},
-        )
-        path, fs = storage.for_ray(storage.join(out, split))
-        view.write_parquet(path, filesystem=fs)
+    """Each bucket task writes its users' rows (sorted by user_id) to <split>/part-<bucket>:
+    the files and their row order depend on the input and num_buckets only, never on how
+    many CPUs or blocks ran them (deterministic data, checked by the manifest's content_id)."""
+    done = _over_buckets(buckets, _bucket_sequences, {"cfg": cfg, "out": out})
+    for _ in done.iter_batches(batch_format="pyarrow", batch_size=None):
+        pass
 
 
 def _bucket_sequences(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
@@ -205,11 +219,11 @@ def _bucket_sequences(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
     item_index = storage.read_parquet(
         storage.join(out, "vocab", "items.parquet"), columns=["item_id", "item_idx"]
     )
-    return sequences.build_sequences(events, item_index, cfg.max_len, cfg.min_events()).to_arrow()
-
-
-def _split_view(batch: pa.Table, split: str, max_len: int) -> pa.Table:
-    return sequences.split_views(pl.from_arrow(batch), max_len)[split].to_arrow()
+    seqs = sequences.build_sequences(events, item_index, cfg.max_len, cfg.min_events())
+    for split, view in sequences.split_views(seqs.sort("user_id"), cfg.max_len).items():
+        if view.height:
+            storage.write_parquet(view, storage.join(out, split, f"part-{bucket:05d}.parquet"))
+    return pa.table({"bucket": [bucket], "users": [seqs.height]})
 
 
 def _over_buckets(buckets: list[int], fn, kwargs: dict) -> ray.data.Dataset:
@@ -217,10 +231,10 @@ def _over_buckets(buckets: list[int], fn, kwargs: dict) -> ray.data.Dataset:
     return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
-def _generate(cfg: DataConfig, out: str, generate) -> DataConfig:
+def _generate(cfg: DataConfig, root: str, generate) -> DataConfig:
     """Generate the format's raw log (in a Ray task, so it runs on a worker) unless it is there
     (a marker holds the generator settings it was made with)."""
-    raw = storage.absolute(cfg.path) if cfg.path else storage.join(out, "raw")
+    raw = storage.absolute(cfg.path) if cfg.path else storage.join(root, "raw")
     marker = storage.join(raw, "_synthetic.json")
     wanted = json.dumps(vars(cfg.synthetic), sort_keys=True)
     if not (storage.exists(marker) and storage.read_text(marker) == wanted):
@@ -242,9 +256,10 @@ def _generate_task(generate, synthetic, raw: str) -> None:
 
 
 def _auto_buckets(plan: readers.Plan) -> int:
+    """From the input's size only: the bucket count decides the output's files (and which
+    bucket's first event gives an item its categories), so it must not follow the CPUs."""
     size = sum(file_size(f) or 0 for f in plan.files)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    return max(2, cpus, min(1024, math.ceil(size / BUCKET_BYTES)))
+    return max(MIN_BUCKETS, min(1024, math.ceil(size / BUCKET_BYTES)))
 
 
 def _data_error(err: BaseException) -> DataError | None:

@@ -4,12 +4,14 @@
 loop reads top to bottom -- shard -> forward -> backward -> step -> validate -> checkpoint ->
 report. Every rank saves its DeepSpeed shard into the checkpoint, rank 0 adds a consolidated
 serving export (safetensors + config), and a crashed worker group restarts from the latest
-checkpoint with its step count intact.
+checkpoint with its step count intact. With `train.checkpoint_every_steps` it also checkpoints
+inside an epoch, and a restart continues that epoch at the batch it stopped at (rec/resume.py).
 
 The pieces the loop calls live beside it, none of them Ray-bound except the checkpoints:
 rec/deepspeed_setup.py (engine), rec/schedule.py (LR), rec/data/batch.py (length-bucketed
 batches), rec/evaluation.py (validation), rec/train_metrics.py (throughput),
-rec/ray_checkpoints.py (save, report, restore), rec/fault_injection.py (test hook).
+rec/ray_checkpoints.py (save, report, restore), rec/resume.py (where a run is, mid-epoch
+resume), rec/fault_injection.py (test hook).
 """
 
 from __future__ import annotations
@@ -20,23 +22,30 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rec import storage
 from rec.data.batch import Batch, length_batches
 from rec.data.splits import ItemTables, load_item_tables
-from rec.deepspeed_setup import deepspeed_engine, worker_env
+from rec.deepspeed_setup import deepspeed_engine, full_parameters, worker_env
 from rec.evaluation import evaluate
 from rec.fault_injection import maybe_inject_failure
 from rec.model import ModelConfig, count_parameters, model_summary
 from rec.ray_checkpoints import restore, save_and_report
-from rec.ray_dataset import BatchCollate, training_dataset
+from rec.ray_dataset import (
+    BatchCollate,
+    ordered_execution,
+    ordered_ingest,
+    rank_splits,
+    shard_name,
+    training_dataset,
+)
 from rec.recommender import build_recommender
+from rec.resume import after_epoch, batch_seed, checkpoint_due, epoch_rng, resume_batches
 from rec.train_config import TrainConfig
 from rec.train_metrics import EpochMeter
 
@@ -61,17 +70,7 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
     callbacks: Ray Train user callbacks (e.g. Tune's TuneReportCallback inside a sweep).
     """
     cfg = spec.train
-    datasets = {
-        "train": training_dataset(spec.prepared_dir, "train", spec.model.max_len),
-        "valid": training_dataset(spec.prepared_dir, "valid", spec.model.max_len),
-    }
-    if cfg.materialize_data:
-        # Shuffled once first: the split hands each worker a contiguous range of rows, and
-        # prepared files are ordered (on Beauty the first half holds 41 % more tokens than the
-        # second), so unshuffled, one worker did more work per step and the other waited for it.
-        datasets = {
-            name: ds.random_shuffle(seed=cfg.seed).materialize() for name, ds in datasets.items()
-        }
+    datasets, data_config = _datasets(spec)
     storage_path, storage_fs = storage.for_ray(spec.storage_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -97,8 +96,28 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
             ),
         ),
         datasets=datasets,
+        dataset_config=data_config,
     )
     return trainer.fit()
+
+
+def _datasets(spec: TrainSpec) -> tuple[dict, DataConfig | None]:
+    """Ray Train's datasets and data config. With `train.materialize_data`: each split in a
+    seeded order of its user ids, materialized once and cut into one part per rank by row
+    position (rec/ray_dataset.py), so every fit -- and every restart of the worker group,
+    and a later fit with `train.resume_from` -- gives rank r the same rows in the same order
+    (tests/test_step_checkpoints.py). Without: streamed, split by Ray Train as it reads."""
+    cfg = spec.train
+    names = ("train", "valid")
+    if not cfg.materialize_data:
+        return {n: training_dataset(spec.prepared_dir, n, spec.model.max_len) for n in names}, None
+    datasets = {}
+    with ordered_execution():
+        for name in names:
+            ds = training_dataset(spec.prepared_dir, name, spec.model.max_len, cfg.seed)
+            for rank, part in enumerate(rank_splits(ds, cfg.num_workers)):
+                datasets[shard_name(name, rank)] = part
+    return datasets, ordered_ingest()
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -114,53 +133,80 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         print(f"[train] {model_summary(model.model, model)} | workers={world}", flush=True)
     engine = deepspeed_engine(model, cfg, spec.steps_per_epoch)
-    state = restore(engine, cfg.resume_from)
+    state = restore(engine, cfg.resume_from)  # rec/resume.py: where the run is
     train_shard, valid_shard = _shards(cfg)
-    # The same seed on every rank: each step then takes the same length quantile of every
-    # rank's rows, so ranks do similar work per step and wait less at the gradient sync
-    # (per-rank seeds paired short with long batches: ~1/3 of the CPU went to waiting).
-    rng = np.random.default_rng(cfg.seed + 1000 * state["epoch"])
     bucket = cfg.batch_size * cfg.length_buckets  # rows sorted by length together
 
     for epoch in range(state["epoch"], cfg.epochs):
         engine.train()
         meter = EpochMeter(world)
-        rows = _epoch_rows(train_shard, bucket)  # in memory, or streamed in bucket-size chunks
-        for _, batch in length_batches(rows, cfg.batch_size, rng, bucket_rows=bucket):
+        # in memory, or streamed in bucket-size chunks (shuffled locally, seeded per epoch)
+        rows = _epoch_rows(train_shard, bucket, int(epoch_rng(cfg.seed, epoch).integers(2**31)))
+        # The same order on every rank (each step then takes the same length quantile of every
+        # rank's rows: ranks wait less at the gradient sync) and on every attempt: a restart
+        # skips the batches its checkpoint had trained.
+        batches = length_batches(rows, cfg.batch_size, epoch_rng(cfg.seed, epoch), bucket)
+        for k, (_, batch), last in resume_batches(batches, skip=state["epoch_batches"]):
+            torch.manual_seed(batch_seed(cfg.seed, rank, epoch, k))  # dropout, negatives
             batch = batch.to(engine.device)
             loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
             engine.backward(loss)
             engine.step()
+            state["epoch_batches"] = k + 1
+            meter.update(batch, logs)
             if engine.is_gradient_accumulation_boundary():
                 state["step"] += 1
-            meter.update(batch, logs)
+                ends = last or _at_max_steps(cfg, state)
+                if checkpoint_due(state["step"], cfg.checkpoint_every_steps, ends):
+                    _save_mid_epoch(engine, state, cfg)
             maybe_inject_failure(cfg.inject_failure_at_step, rank, state["step"], spec.storage_dir)
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
+            if _at_max_steps(cfg, state):
                 break
         metrics = {"epoch": epoch + 1, "step": state["step"], **meter.summary()}
-        done = bool(cfg.max_steps and state["step"] >= cfg.max_steps) or epoch + 1 == cfg.epochs
+        done = _at_max_steps(cfg, state) or epoch + 1 == cfg.epochs
         if (epoch + 1) % cfg.eval_every == 0 or done:
-            metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size)
-            if metrics[SCORE] > state["best"]:
-                state["best"], state["bad_evals"] = metrics[SCORE], 0
-            else:
-                state["bad_evals"] += 1
+            with full_parameters(engine, cfg.deepspeed.zero_stage):
+                metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size)
+            _track_best(state, metrics[SCORE])
             metrics["best." + SCORE] = state["best"]
-        state["epoch"] = epoch + 1
+        state = after_epoch(state, epoch)
         patience = cfg.early_stop_patience
         stop = done or (patience is not None and state["bad_evals"] > patience)
-        save_and_report(engine, state, metrics, rank, cfg.deepspeed.zero_stage)
+        save_and_report(engine, state, metrics, cfg)
         if rank == 0:
             print(f"[train] {json.dumps(_rounded(metrics))}", flush=True)
         if stop:
             break
 
 
+def _save_mid_epoch(engine, state: dict, cfg: TrainConfig) -> None:
+    """A checkpoint to resume from, never to serve: no export, and a score of -inf. Ray
+    Train's CheckpointConfig keeps the top 3 by SCORE plus the latest, so it stays only while
+    it is the latest or fewer than 3 validated ones exist, and best-checkpoint picks never
+    take it. (Without the key Ray would log an error for each and score it -inf anyway.)"""
+    metrics = {k: state[k] for k in ("epoch", "step", "epoch_batches")} | {SCORE: float("-inf")}
+    save_and_report(engine, state, metrics, cfg, export=False)
+
+
+def _at_max_steps(cfg: TrainConfig, state: dict) -> bool:
+    return bool(cfg.max_steps and state["step"] >= cfg.max_steps)
+
+
+def _track_best(state: dict, score: float) -> None:
+    """Early stopping's counters after a validation scored `score`."""
+    if score > state["best"]:
+        state["best"], state["bad_evals"] = score, 0
+    else:
+        state["bad_evals"] += 1
+
+
 def _shards(cfg: TrainConfig) -> tuple:
-    """This rank's train and valid shards: Ray Data shards, or with `train.shard_in_memory`
+    """This rank's train and valid shards: Ray Data iterators, or with `train.shard_in_memory`
     all their rows as one Batch each (read once, before the clock of the first epoch starts)."""
-    train = ray.train.get_dataset_shard("train")
-    valid = ray.train.get_dataset_shard("valid")
+    rank = ray.train.get_context().get_world_rank()
+    name = (lambda split: shard_name(split, rank)) if cfg.materialize_data else str
+    train = ray.train.get_dataset_shard(name("train"))
+    valid = ray.train.get_dataset_shard(name("valid"))
     if not cfg.shard_in_memory:
         return train, valid
     chunk_rows = cfg.batch_size * cfg.length_buckets
@@ -175,23 +221,24 @@ def _rows_in_memory(shard, chunk_rows: int) -> Batch:
     return Batch.cat(chunks)
 
 
-def _epoch_rows(shard, chunk_rows: int, shuffle: bool = True) -> Batch | Iterable[Batch]:
+def _epoch_rows(shard, chunk_rows: int, shuffle_seed: int | None = None) -> Batch | Iterable[Batch]:
     """One pass over a shard for `length_batches`: the rows in memory as they are (it
     shuffles them itself), or a fresh stream of `chunk_rows`-row chunks (Ray Data shuffles
-    those locally)."""
+    those locally with `shuffle_seed`; None: not shuffled)."""
     if isinstance(shard, Batch):
         return shard
     return shard.iter_torch_batches(
         batch_size=chunk_rows,
         collate_fn=BatchCollate(),
-        local_shuffle_buffer_size=4 * chunk_rows if shuffle else None,
+        local_shuffle_buffer_size=None if shuffle_seed is None else 4 * chunk_rows,
+        local_shuffle_seed=shuffle_seed,
     )
 
 
 def validate(model, shard, tables: ItemTables, batch_size: int) -> dict[str, float]:
     """Full-ranking metrics on this rank's validation shard (sorted by length), merged over
     all ranks."""
-    rows = _epoch_rows(shard, 8 * batch_size, shuffle=False)
+    rows = _epoch_rows(shard, 8 * batch_size)
     return evaluate(model, length_batches(rows, batch_size), tables, "valid", merge_ranks=True)
 
 

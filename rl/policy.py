@@ -3,9 +3,11 @@
     policy = LamPolicy.load("outputs/policy")       # policy_dir of jobs.train_policy
     lam = policy.choose(obs)                        # (B, 12) float32 -> (B,) lam in [0, 1]
 
-policy_dir holds `rl_module/` (an RLlib RLModule checkpoint, `RLModule.save_to_path`: loads
-without the Algorithm, its env runners or the simulator) and `policy.json` (the environment
-config the policy was trained under, the action mode and the observation layout).
+policy_dir is an artefact (rec/artifacts.py, kind "policy"; jobs.train_policy publishes a new
+version v-.../ into its output_dir and switches CURRENT) whose files are `rl_module/` (an
+RLlib RLModule checkpoint, `RLModule.save_to_path`: loads without the Algorithm, its env
+runners or the simulator) and `policy.json` (the environment config the policy was trained
+under, the action mode and the observation layout). Loading verifies every file's sha256.
 This module imports `ray.rllib` only inside `LamPolicy.load`: the RLModule is RLlib's format.
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rec import storage
+from rec import artifacts, storage
 from rec.config_loader import from_dict
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.env import OBS_FIELDS
@@ -72,7 +74,8 @@ class LamPolicy:
     def load(cls, policy_dir: str | Path) -> LamPolicy:
         from ray.rllib.core.rl_module.rl_module import RLModule
 
-        policy_dir = storage.local_copy(policy_dir, storage.default_cache())  # a URI: copied once
+        # The current version, copied once if remote, every file checked against its manifest.
+        policy_dir, _ = artifacts.fetch_verified(str(policy_dir), storage.default_cache())
         meta_path, module_path = policy_dir / POLICY_FILE, policy_dir / MODULE_DIR
         if not meta_path.is_file() or not module_path.is_dir():
             raise ValueError(

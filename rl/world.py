@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rec import storage
+from rec import artifacts, storage
 from rec.data.batch import SCORE_BATCH_SIZE, Batch, collate, length_batches
 from rec.data.splits import load_examples, load_item_tables
 from rec.export import load_export
@@ -86,12 +86,10 @@ class World:
 
 def build_world(model_dir: str | Path, cfg: WorldConfig) -> World:
     """Score sampled users with the exported ranker and fit the ground truth (see module doc)."""
-    prepared, export = storage.join(model_dir, "data"), storage.join(model_dir, "export")
-    for path in (storage.join(prepared, "meta.json"), storage.join(export, "model.safetensors")):
-        if not storage.exists(path):
-            name = path.rsplit("/", 1)[-1]
-            raise ValueError(f"model_dir {str(model_dir)!r} lacks {name} (run jobs.train)")
-    model = load_export(storage.local_copy(export, storage.default_cache()))
+    # Both verified against their manifests (sha256) first: one line naming a bad file.
+    prepared = artifacts.verify(storage.join(model_dir, "data")).path
+    export, _ = artifacts.fetch_verified(storage.join(model_dir, "export"), storage.default_cache())
+    model = load_export(export)
     tables = load_item_tables(prepared)
     examples = load_examples(prepared, "test", model.cfg.max_len)  # sorted by user_id
     log = load_prepared(prepared)  # full sequences, also sorted by user_id

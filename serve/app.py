@@ -20,23 +20,27 @@ machine, see bench/README.md), but the stages can no longer scale or batch separ
 # No `from __future__ import annotations` here: FastAPI reads the route signatures of the
 # ingress class at runtime, and serve.ingress rewraps them where string annotations no longer
 # resolve (/openapi.json then fails).
+import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from rec import artifacts, storage
 from rec.config_loader import from_dict
 from rec.rerank import RerankConfig
-from serve.cache import test_split
+from serve.cache import recheck, test_split
 from serve.catalog import UserHistories
 from serve.config import DeploymentSpec, ServeConfig
 from serve.frontend import Frontend, LocalStages, RequestError
-from serve.http import BodyLimit
+from serve.http import BodyGuard
 from serve.schemas import Health, ItemResponse, RecommendRequest, RecommendResponse
 from serve.stages import STAGES, StageContext
 
@@ -48,7 +52,7 @@ api = FastAPI(
     version="1.0",
     description="Retrieve, rank, choose the diversity weight lam, re-rank (DPP/MMR).",
 )
-api.add_middleware(BodyLimit)
+api.add_middleware(BodyGuard)
 
 
 @serve.deployment
@@ -68,6 +72,9 @@ class StageDeployment:
         self.run.set_max_batch_size(cfg.batch_max_size)
         self.run.set_batch_wait_timeout_s(cfg.batch_wait_s)
 
+    def check_health(self) -> None:
+        recheck()  # an artefact copy truncated/deleted since __init__: unhealthy, restarted
+
     # The defaults are ServeConfig's; __init__ applies the configured values.
     @serve.batch(
         max_batch_size=ServeConfig.batch_max_size, batch_wait_timeout_s=ServeConfig.batch_wait_s
@@ -77,19 +84,101 @@ class StageDeployment:
         return self.fn(*(list(column) for column in zip(*requests, strict=True)))
 
 
-class HandleStages:
-    """serve.frontend.Stages over the stage deployments' handles."""
+class StageUnavailable(RuntimeError):
+    """A stage call failed on dead or unreachable replicas after every retry (HTTP 503)."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self.handles, self.names = handles, frozenset(handles)
+
+# A replica that died (killed, OOM, node lost) or cannot be reached: the call is retried, as
+# stage calls are pure functions of their arguments (idempotent); any other error is a bug.
+RETRYABLE = (RayActorError, DeploymentUnavailableError)
+
+
+class HandleStages:
+    """serve.frontend.Stages over the stage deployments' handles, retrying lost replicas."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], retries: int = 3) -> None:
+        self.handles, self.names, self.retries = handles, frozenset(handles), retries
 
     async def run(self, name: str, *args: Any) -> Any:
-        return await self.handles[name].run.remote(args)
+        for attempt in range(self.retries + 1):
+            try:
+                return await self.handles[name].run.remote(args)
+            except RETRYABLE as err:
+                if attempt == self.retries:
+                    raise StageUnavailable(
+                        f"stage {name!r} unavailable after {attempt + 1} tries: "
+                        f"{type(err).__name__}"
+                    ) from None
+                # The router drops a dead replica once the controller reports it; a short,
+                # growing pause lets that happen (or a replacement start) before the retry.
+                await asyncio.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+
+def _front(request: Request) -> Frontend:
+    return request.app.state.front
+
+
+@api.post("/recommend", response_model=RecommendResponse)
+async def recommend(req: RecommendRequest, request: Request) -> dict:
+    """Top-k items for a user id and/or a history, re-ranked for diversity at lam."""
+    state = request.app.state
+    try:
+        return await state.front.recommend(req, state.stages)
+    except RequestError as err:
+        detail = [{"loc": ["body", err.field_name], "msg": err.message, "type": "value_error"}]
+        raise HTTPException(status_code=422, detail=detail) from None
+    except StageUnavailable as err:
+        retry = str(max(1, math.ceil(state.retry_after_s)))
+        raise HTTPException(
+            status_code=503, detail=str(err), headers={"Retry-After": retry}
+        ) from None
+
+
+@api.get("/healthz", response_model=Health)
+async def healthz(request: Request) -> dict:
+    front = _front(request)
+    return {
+        "status": "ok",
+        "n_items": front.catalog.n_items,
+        "n_users": len(front.users),
+        "policy": front.has_policy,
+        "rerank": f"{front.rerank.method}/{front.rerank.similarity}",
+    }
+
+
+@api.get("/items/{item_id}", response_model=ItemResponse)
+async def item(item_id: int, request: Request) -> dict:
+    """One catalogue item by raw id (404 if unknown)."""
+    front = _front(request)
+    idx = front.catalog.index_of.get(item_id)
+    if idx is None:
+        raise HTTPException(status_code=404, detail=f"item_id {item_id} is not in the catalogue")
+    return {"index": idx, **front.catalog.describe(idx)}
+
+
+def attach(front: Frontend, stages: Any, cfg: ServeConfig) -> None:
+    """What the routes above read from `api.state` (one ingress replica per process).
+
+    Called by name, so `api` here is this module's object in the replica: Serve ships the
+    Ingress class by value, and a global read in its own methods would be a pickled copy."""
+    app = api
+    app.state.front, app.state.stages = front, stages
+    app.state.max_body_bytes = cfg.max_body_bytes  # read by BodyGuard
+    app.state.retry_after_s = cfg.retry_after_s
+
+
+def _ingress_app() -> FastAPI:
+    """`api` itself at replica start. Given the app object, serve.ingress would serve a frozen
+    copy of it, which never sees the state Ingress.__init__ attaches to `api`."""
+    return api
 
 
 @serve.deployment
-@serve.ingress(api)
+@serve.ingress(_ingress_app)
 class Ingress:
+    """The FastAPI app `api` (routes above) in a replica, its state built here."""
+
     def __init__(
         self,
         handles: dict[str, DeploymentHandle],
@@ -102,61 +191,66 @@ class Ingress:
         then run here, built from the same StageContext)."""
         torch.set_num_threads(cfg.torch_threads)
         ctx = StageContext(model_dir, cfg, rerank, policy_dir)
-        users = UserHistories.from_split(test_split(model_dir), ctx.model.cfg.max_len)
-        with torch.no_grad():
-            vectors = ctx.model.item_table().numpy().astype(np.float32)  # (N + 1, D)
-        self.stages = LocalStages(ctx) if cfg.fused else HandleStages(handles)
-        has_policy = "policy" in self.stages.names
-        self.front = Frontend(cfg, rerank, ctx.catalog, users, vectors, has_policy=has_policy)
-        api.state.max_body_bytes = cfg.max_body_bytes  # read by BodyLimit
+        stages = LocalStages(ctx) if cfg.fused else HandleStages(handles, cfg.stage_retries)
+        attach(build_frontend(ctx, model_dir, stages), stages, cfg)
 
-    @api.post("/recommend", response_model=RecommendResponse)
     async def recommend(self, req: RecommendRequest) -> dict:
-        """Top-k items for a user id and/or a history, re-ranked for diversity at lam."""
-        try:
-            return await self.front.recommend(req, self.stages)
-        except RequestError as err:
-            detail = [{"loc": ["body", err.field_name], "msg": err.message, "type": "value_error"}]
-            raise HTTPException(status_code=422, detail=detail) from None
+        """POST /recommend's answer for a deployment handle (model composition, no HTTP)."""
+        return await recommend_for_handle(req)
 
-    @api.get("/healthz", response_model=Health)
-    async def healthz(self) -> dict:
-        front = self.front
-        return {
-            "status": "ok",
-            "n_items": front.catalog.n_items,
-            "n_users": len(front.users),
-            "policy": front.has_policy,
-            "rerank": f"{front.rerank.method}/{front.rerank.similarity}",
-        }
-
-    @api.get("/items/{item_id}", response_model=ItemResponse)
-    async def item(self, item_id: int) -> dict:
-        """One catalogue item by raw id (404 if unknown)."""
-        idx = self.front.catalog.index_of.get(item_id)
-        if idx is None:
-            raise HTTPException(
-                status_code=404, detail=f"item_id {item_id} is not in the catalogue"
-            )
-        return {"index": idx, **self.front.catalog.describe(idx)}
+    def check_health(self) -> None:
+        recheck()  # an artefact copy truncated/deleted since __init__: unhealthy, restarted
 
 
-def deployment_options(spec: DeploymentSpec, name: str | None = None) -> dict[str, Any]:
-    """A DeploymentSpec (and a deployment name) -> `.options(...)` keyword arguments."""
+async def recommend_for_handle(req: RecommendRequest) -> dict:
+    """Ingress.recommend's body; a bad request raises serve.frontend.RequestError. Called by
+    name, so `api` is this module's object in the replica (see attach)."""
+    return await api.state.front.recommend(req, api.state.stages)
+
+
+def build_frontend(ctx: StageContext, model_dir: str, stages: Any) -> Frontend:
+    """The ingress's Frontend over a StageContext (users from the model's test split)."""
+    users = UserHistories.from_split(test_split(model_dir), ctx.model.cfg.max_len)
+    with torch.no_grad():
+        vectors = ctx.model.item_table().numpy().astype(np.float32)  # (N + 1, D)
+    has_policy = "policy" in stages.names
+    return Frontend(ctx.cfg, ctx.rerank, ctx.catalog, users, vectors, has_policy=has_policy)
+
+
+def deployment_options(
+    spec: DeploymentSpec, name: str | None = None, cfg: ServeConfig | None = None
+) -> dict[str, Any]:
+    """A DeploymentSpec (a deployment name, the ServeConfig for serve.replicas and
+    serve.retry_after_s) -> `.options(...)` keyword arguments."""
+    cfg = cfg or ServeConfig()
     auto = spec.autoscaling
     actor = {"num_cpus": spec.num_cpus, **({"resources": spec.resources} if spec.resources else {})}
+    # Over max_ongoing_requests per replica and max_queued_requests waiting, Serve answers 503
+    # at once (with Retry-After) instead of queueing: overload sheds load, admitted requests
+    # keep their latency.
+    limits = {
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": cfg.retry_after_s},
+    }
+    if cfg.replicas:  # a fixed count for every deployment (e.g. 2: survive a lost replica)
+        scaling: dict[str, Any] = {"num_replicas": cfg.replicas}
+    else:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": auto.min_replicas,
+                "max_replicas": auto.max_replicas,
+                "target_ongoing_requests": auto.target_ongoing_requests,
+                "upscale_delay_s": auto.upscale_delay_s,
+                "downscale_delay_s": auto.downscale_delay_s,
+                "look_back_period_s": auto.look_back_period_s,
+            }
+        }
     return {
         **({"name": name} if name is not None else {}),
         "ray_actor_options": actor,
-        "max_ongoing_requests": spec.max_ongoing_requests,
-        "autoscaling_config": {
-            "min_replicas": auto.min_replicas,
-            "max_replicas": auto.max_replicas,
-            "target_ongoing_requests": auto.target_ongoing_requests,
-            "upscale_delay_s": auto.upscale_delay_s,
-            "downscale_delay_s": auto.downscale_delay_s,
-            "look_back_period_s": auto.look_back_period_s,
-        },
+        **limits,
+        **scaling,
     }
 
 
@@ -194,13 +288,13 @@ def build_app(
     policy_dir = resolve_dir(policy_dir)
     if policy_dir is not None and not storage.exists(policy_dir):
         raise ValueError(f"policy_dir {policy_dir!r} does not exist")
-    ingress = Ingress.options(**deployment_options(cfg.ingress))
+    ingress = Ingress.options(**deployment_options(cfg.ingress, cfg=cfg))
     if cfg.fused:
         return ingress.bind({}, model_dir, cfg, rerank, policy_dir)
     ctx = StageContext(model_dir, cfg, rerank, policy_dir)  # only asked which stages are on
     handles = {
         stage.name: StageDeployment.options(
-            **deployment_options(cfg.deployment(stage.name), stage.deployment)
+            **deployment_options(cfg.deployment(stage.name), stage.deployment, cfg)
         ).bind(stage.name, model_dir, cfg, rerank, policy_dir)
         for stage in STAGES
         if stage.enabled(ctx)

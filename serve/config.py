@@ -47,7 +47,10 @@ class DeploymentSpec:
     # Custom Ray resources per replica, e.g. {serve_node: 0.01}: replicas then run only on
     # nodes started with that resource (`ray start --resources='{"serve_node": 4}'`).
     resources: dict[str, float] = field(default_factory=dict)
-    max_ongoing_requests: int = 64  # requests queued on one replica before the router waits
+    max_ongoing_requests: int = 64  # requests running on one replica before the router waits
+    # Requests the router holds for this deployment beyond those running (-1: no limit); more
+    # get 503 + Retry-After at once. Set on the ingress it bounds what the HTTP proxy queues.
+    max_queued_requests: int = -1
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
 
 
@@ -76,6 +79,13 @@ class ServeConfig:
     # Run retrieval, ranking and the policy inside the ingress replica instead of their own
     # deployments: no handle hops (lowest latency on a small machine), no separate scaling.
     fused: bool = False
+    # 0: each deployment's `autoscaling` below; n >= 1: exactly n replicas of every deployment
+    # (2: a killed replica loses no request -- its calls are retried on the other one).
+    replicas: int = 0
+    # Retries of a stage call whose replica died (pauses 0.1, 0.2, 0.4, ... s: the router
+    # must first learn the replica is gone); then 503.
+    stage_retries: int = 5
+    retry_after_s: float = 1.0  # Retry-After of every 503 (overload, stage unavailable)
     # One per deployment: the ingress and each stage of serve/stages.py, named like the stage.
     ingress: DeploymentSpec = field(default_factory=DeploymentSpec)  # FastAPI + re-ranking
     retriever: DeploymentSpec = field(default_factory=DeploymentSpec)  # user tower + top-N
@@ -93,6 +103,8 @@ class ServeConfig:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
         if self.batch_max_size < 1 or self.batch_wait_s < 0:
             raise ValueError("serve.batch_max_size must be >= 1 and serve.batch_wait_s >= 0")
+        if self.replicas < 0 or self.stage_retries < 0 or not self.retry_after_s >= 0:
+            raise ValueError("serve.replicas, serve.stage_retries, serve.retry_after_s: >= 0")
         if self.relevance_weight < 0:
             raise ValueError(f"serve.relevance_weight must be >= 0, got {self.relevance_weight!r}")
 

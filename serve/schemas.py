@@ -1,16 +1,20 @@
 """HTTP request and response schemas of the recommender (pydantic; they also make /docs).
 
 Types are strict: `"k": "10"` or `"k": 10.5` is a 422 naming `k`, not a silent cast. Unknown
-fields are refused too (a misspelt `"exclude_sen"` would otherwise be ignored).
+fields are refused too (a misspelt `"exclude_sen"` would otherwise be ignored), and so are
+non-finite numbers and ids beyond int64 (serve/http.py refuses them earlier, in the JSON parse;
+the schema says so too, for callers that build requests in Python).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 LamSource = Literal["request", "policy", "default", "cold_start"]
+# Raw ids are int64 in the catalogue; a larger integer is refused here, not by numpy (a 500).
+RawId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class RecommendRequest(BaseModel):
@@ -18,20 +22,23 @@ class RecommendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: int | None = Field(
+    user_id: RawId | None = Field(
         None, description="Raw user id; a known user's logged history comes first."
     )
-    history: list[int] | None = Field(
+    history: list[RawId] | None = Field(
         None,
         description="Raw item ids, oldest first, appended after the logged history. Unknown "
         "ids are ignored and listed in `unknown_items`; beyond serve.max_history items only "
         "the most recent are kept (`history_truncated`).",
     )
-    k: int = Field(10, ge=1, description="List length, 1..serve.max_k (default max 100).")
+    k: int = Field(
+        10, ge=1, le=2**63 - 1, description="List length, 1..serve.max_k (default max 100)."
+    )
     lam: float | None = Field(
         None,
         ge=0.0,
         le=1.0,
+        allow_inf_nan=False,
         description="Diversity weight in [0, 1]; omitted: the RL policy's choice, or the default.",
     )
     exclude_seen: bool = Field(True, description="Never recommend items of the history.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from rec import artifacts
 from rec.data.config import DataConfig
 from rec.data.local import prepare_local
 from rec.data.splits import load_item_tables
@@ -34,6 +35,8 @@ def make_model_dir(root: Path, seed: int = 0) -> Path:
     export = save_export(model, root / "export", extra={"dataset": "synthetic-test"})
     shutil.copytree(data / "vocab", export / "vocab")
     shutil.copy(data / "meta.json", export / "data_meta.json")
+    # Serving fetches only verifiable artefacts (rec.artifacts): a manifest written in place.
+    artifacts.write_manifest(export, kind="export", producer="tests.serve_support", config={})
     return root
 
 
@@ -62,4 +65,5 @@ def make_policy_dir(root: Path, seed: int = 0) -> Path:
     )
     spec.build().save_to_path(str(root / MODULE_DIR))
     write_policy_meta(root, EnvConfig(), {"algorithm": "untrained (test)"})
+    artifacts.write_manifest(root, kind="policy", producer="tests.serve_support", config={})
     return root

@@ -1,5 +1,6 @@
-"""The step from a laptop to a cluster: cluster.yaml against Ray's own schema, autoscaling with
-Ray's fake multi-node provider, and `ray job submit` against a `ray start --head` cluster.
+"""The step from a laptop to a cluster: cluster.yaml against Ray's own schema and autoscaling
+with Ray's fake multi-node provider. (`ray job submit` of repo jobs with the working dir:
+tests/test_two_node.py.)
 
 Nothing here reaches a cloud: the AWS config is checked offline, the autoscaler launches worker
 "nodes" as local processes. The Ray tests start their own head (tests/cluster_helpers.py) and
@@ -302,32 +303,3 @@ def _gpu_workers(head) -> list[dict] | None:
     workers = [n for n in head.alive_nodes() if not n["is_head_node"]]
     ok = len(workers) == 2 and all(w["resources_total"].get("GPU") for w in workers)
     return workers if ok else None
-
-
-# ------------------------------------------------------------------ job submission (CLI)
-
-
-@pytest.mark.ray
-def test_ray_job_submit_runs_a_repo_job_from_the_working_dir(tmp_path):
-    out = tmp_path / "prepared"
-    with local_head(num_cpus=2) as head:
-        job = head.submit(
-            [
-                "python",
-                "-m",
-                "jobs.prepare",
-                "--config",
-                "jobs/configs/smoke.yaml",
-                f"output_dir={out}",
-            ],
-            working_dir=ROOT,
-        )
-        assert head.wait(job, timeout=300) == "SUCCEEDED"
-        stats = json.loads((out / "stats.json").read_text())
-        assert stats["n_users"] > 0 and (out / "train").is_dir()
-        assert f"[prepare] wrote {out}" in head.job_logs(job)
-        # The upload is the repo minus what .gitignore lists (no .venv, no outputs).
-        pkgs = head.temp_dir.glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*")
-        (pkg,) = {p.resolve() for p in pkgs if p.is_dir()}  # session_latest links the session
-        assert (pkg / "jobs" / "prepare.py").is_file()
-        assert not (pkg / ".venv").exists() and not (pkg / "outputs").exists()

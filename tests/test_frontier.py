@@ -16,6 +16,7 @@ import torch
 
 from jobs import evaluate as evaluate_job
 from jobs.config import RunConfig
+from rec import artifacts
 from rec.config_loader import ConfigError, load_config
 from rec.data.batch import collate, length_batches
 from rec.data.config import DataConfig
@@ -57,6 +58,7 @@ def model_dir(tmp_path_factory) -> Path:
             loss.backward()
             opt.step()
     save_export(model.eval(), out / "export")
+    artifacts.write_manifest(out / "export", kind="export", producer="tests", config={})
     return out
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+from rec import artifacts
 from rl.arms import fixed, paired_gain, play, random_lam, split_users
 from rl.config import EnvConfig, LeavingConfig
 from rl.env import DiversityEnv, standardised_affinity
@@ -126,7 +127,7 @@ def test_build_world_from_trained_model(model_dir, tmp_path):
 
 
 def test_build_world_names_missing_model(tmp_path):
-    with pytest.raises(ValueError, match="jobs.train"):
+    with pytest.raises(artifacts.ArtifactError, match=f"^{tmp_path}/data: not found"):
         build_world(tmp_path, WorldConfig())
 
 
@@ -195,10 +196,12 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
         num_env_runners=0,
         hidden=[32, 32],
     )
-    curve = fit(pc, path, cfg, train, tmp_path / MODULE_DIR)
+    build, published = tmp_path / "build", str(tmp_path / "policy")
+    curve = fit(pc, path, cfg, train, build / MODULE_DIR)
     assert [row["iteration"] for row in curve] == list(range(1, pc.iterations + 1))
-    write_policy_meta(tmp_path, cfg, {"algorithm": "PPO"})
-    policy = LamPolicy.load(tmp_path)
+    write_policy_meta(build, cfg, {"algorithm": "PPO"})
+    artifacts.publish(build, published, kind="policy", producer="test", config=asdict(pc))
+    policy = LamPolicy.load(published)  # as jobs.train_policy publishes and Serve loads it
     env = DiversityEnv(data, cfg)
     obs = np.stack([env.reset(seed=0, options={"user": int(u)})[0] for u in held])
     lam = policy.choose(obs)
@@ -210,7 +213,7 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
     assert pol > best, (pol, best)
     # the same module in a fresh process with no Ray started: Serve's load path
     code = (
-        f"import numpy as np; from rl.policy import LamPolicy; p = LamPolicy.load({str(tmp_path)!r}); "
+        f"import numpy as np; from rl.policy import LamPolicy; p = LamPolicy.load({published!r}); "
         f"print(p.choose(np.zeros((2, 12), np.float32)).tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
 
 from jobs import prepare as prepare_job
 from jobs.config import RunConfig
+from rec import artifacts
 from rec.config_loader import load_config
 from rec.data.local import prepare_local
 from rec.ray_dataset import BatchCollate, training_dataset
@@ -40,7 +42,6 @@ def test_smoke_job_matches_local_reference(ray_local, tmp_path):
         "n_items",
         "n_categories",
         "n_interactions",
-        "seconds",
     ):
         assert key in stats
     assert stats["n_users"] > 100 and stats["rows_read"] == stats["rows_valid"]
@@ -50,17 +51,19 @@ def test_smoke_job_matches_local_reference(ray_local, tmp_path):
     ref = prepare_local(ref_cfg.data, tmp_path / "local")
     for key in ("n_users", "n_items", "n_categories", "n_interactions", "duplicates_removed"):
         assert stats[key] == ref[key], key
-    got, want = frames(tmp_path / "ray"), frames(tmp_path / "local")
+    ray_out = Path(artifacts.verify(str(tmp_path / "ray")).path)  # the published version
+    got, want = frames(ray_out), frames(tmp_path / "local")
     for split in want:
         assert got[split].equals(want[split]), split
     for name in ("items", "categories"):
-        assert pl.read_parquet(tmp_path / "ray" / "vocab" / f"{name}.parquet").equals(
+        assert pl.read_parquet(ray_out / "vocab" / f"{name}.parquet").equals(
             pl.read_parquet(tmp_path / "local" / "vocab" / f"{name}.parquet")
         )
-    assert not (tmp_path / "ray" / "_staging").exists()  # work dirs cleaned up
+    assert not (ray_out / "_staging").exists()  # work dirs cleaned up
+    assert {p.name for p in (tmp_path / "ray").iterdir()} == {"CURRENT", "raw", ray_out.name}
 
     # The training loader: padded examples through Ray Data -> typed tensor batches.
-    ds = training_dataset(tmp_path / "ray", "train")
+    ds = training_dataset(ray_out, "train")
     batch = next(iter(ds.iter_torch_batches(batch_size=8, collate_fn=BatchCollate())))
     assert batch.items.shape == (8, 50) and batch.targets.shape == (8, 50)
     assert (batch.targets[:, -1] > 0).all() and (batch.items[:, 0] == 0).any()
@@ -77,7 +80,7 @@ def test_beauty_kcore_matches_local(ray_local, tmp_path):
         ref["n_interactions"],
     )
     assert stats["n_items"] < 12101
-    test = pl.read_parquet(tmp_path / "ray" / "test" / "*.parquet")
+    test = pl.read_parquet(Path(artifacts.resolve(str(tmp_path / "ray"))) / "test" / "*.parquet")
     assert (test["n_events"] >= 10).all()
 
 

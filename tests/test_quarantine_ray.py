@@ -5,6 +5,7 @@ reason; MovieLens ratings outside 1..5 are `bad_rating`; k-core on Ray equals th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -44,6 +45,13 @@ def expected_rows(lines: list[str], reasons: dict[str, str], source: str) -> set
     return rows
 
 
+def current(root: Path) -> Path:
+    """The version of an artefact root that CURRENT names (rec/artifacts.py)."""
+    from rec import artifacts
+
+    return Path(artifacts.resolve(str(root)))
+
+
 def test_taobao_quarantine_columns_and_counts(ray_local, tmp_path):
     from rec.ray_prepare import prepare
 
@@ -60,6 +68,7 @@ def test_taobao_quarantine_columns_and_counts(ray_local, tmp_path):
     )
     out = tmp_path / "out"
     stats = prepare(cfg, out)
+    out = current(out)  # the version prepare published
     got = pl.read_parquet(out / "quarantine" / "*.parquet")
     assert got.columns == ["source", "offset", "raw", "reason"]
     assert set(got.iter_rows()) == expected_rows(lines, dict(BAD), str(path))
@@ -83,7 +92,7 @@ def test_movielens_bad_rating_and_kcore_through_ray(ray_local, tmp_path):
 
     source = write_movielens(tmp_path, tarball=True)
     stats = prepare(DataConfig(format="movielens", path=str(source)), tmp_path / "ml")
-    got = pl.read_parquet(tmp_path / "ml" / "quarantine" / "*.parquet")
+    got = pl.read_parquet(current(tmp_path / "ml") / "quarantine" / "*.parquet")
     assert got.select("source", "raw", "reason").rows() == [
         (str(source), "2\t3\t6\t881250961", "bad_rating")
     ]
@@ -92,6 +101,6 @@ def test_movielens_bad_rating_and_kcore_through_ray(ray_local, tmp_path):
     log = write_kcore_log(tmp_path / "kcore.csv")
     cfg = DataConfig(format="taobao", path=str(log), kcore=2, num_buckets=2)
     stats = prepare(cfg, tmp_path / "kc")
-    items = pl.read_parquet(tmp_path / "kc" / "vocab" / "items.parquet")
+    items = pl.read_parquet(current(tmp_path / "kc") / "vocab" / "items.parquet")
     assert dict(zip(items["item_id"], items["count"], strict=True)) == KCORE_COUNTS
     assert (stats["n_users"], stats["n_items"]) == (2, 3)

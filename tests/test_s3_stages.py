@@ -2,8 +2,10 @@
 the raw log and every artefact; the job's working directory stays empty.
 
 prepare -> train -> evaluate -> train_policy run through jobs.pipeline with `data.path` and
-`output_dir` on s3://; a training worker killed mid-run resumes from its checkpoint on S3; a
-bucket that does not exist stops a job with one line and exit 2.
+`output_dir` on s3://; run again, `pipeline.resume` skips what is done and `pipeline.skip` what
+it names; `train.resume_from` takes a checkpoint URI; a bucket that does not exist stops a job
+with one line and exit 2. (A training worker killed mid-run resuming from its checkpoint on
+S3: tests/test_two_node.py.)
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import pytest
 from jobs import pipeline
 from jobs import train as train_job
 from jobs.config import RunConfig
-from rec import storage
+from rec import artifacts, storage
 from rec.config_loader import load_config
 from rec.data import readers, textio
 from rec.data.config import DataConfig
 from rec.data.synthetic import generate
 from tests.conftest import ROOT, TAOBAO, need
-from tests.s3_server import checkpoint_states
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -85,75 +86,95 @@ def pipeline_run(s3_ray, tmp_path_factory):
     generate(load_config(RunConfig, SMOKE).data.synthetic, tmp / "raw")
     storage.upload_dir(tmp / "raw", logs)
     out = storage.join(s3_ray, "runs", "r1")
-    cfg = load_config(
-        RunConfig, SMOKE, [f"data.path={logs}", "data.format=parquet", f"output_dir={out}", *FAST]
-    )
+    overrides = [f"data.path={logs}", "data.format=parquet", f"output_dir={out}", *FAST]
     with pytest.MonkeyPatch.context() as mp:
         cwd = in_empty_cwd(tmp, mp)
-        summary = pipeline.run(cfg)
-    return out, summary, cwd
+        summary = pipeline.run(load_config(RunConfig, SMOKE, overrides))
+    return out, summary, cwd, overrides
 
 
 @pytest.mark.ray
 def test_pipeline_stages_read_and_write_s3(pipeline_run):
-    out, summary, cwd = pipeline_run
-    for rel in (
-        "model/data/meta.json",
-        "model/data/stats.json",
-        "model/data/vocab/items.parquet",
-        "model/export/model.safetensors",
-        "model/export/model_config.json",
-        "model/export/vocab/items.parquet",
-        "model/export/checkpoint.json",
-        "model/metrics.json",
-        "frontier/frontier.json",
-        "frontier/frontier.png",
-        "policy/policy.json",
-        "policy/policy_eval.json",
-        "policy/policy_eval.png",
-        "policy/world.npz",
-        "pipeline_summary.json",
+    out, summary, cwd, _ = pipeline_run
+    # data/, export/ and policy/ are artefact roots (rec/artifacts.py): their files are in
+    # the version CURRENT names.
+    data, export, policy = (
+        artifacts.resolve(storage.join(out, rel))
+        for rel in ("model/data", "model/export", "policy")
+    )
+    for root, names in (
+        (data, ("meta.json", "stats.json", "vocab/items.parquet")),
+        (export, ("model.safetensors", "model_config.json", "vocab/items.parquet")),
+        (export, ("checkpoint.json",)),
+        (policy, ("policy.json",)),
+        (out, ("model/metrics.json", "frontier/frontier.json", "frontier/frontier.png")),
+        (out, ("policy/policy_eval.json", "policy/policy_eval.png", "policy/world.npz")),
+        (out, ("pipeline_summary.json",)),
     ):
-        assert storage.exists(storage.join(out, rel)), rel
+        for name in names:
+            assert storage.exists(storage.join(root, name)), (root, name)
     for split in ("train", "valid", "test"):
-        assert storage.glob(storage.join(out, "model", "data", split), "*.parquet"), split
-    assert storage.glob(storage.join(out, "policy", "rl_module"), "*")
+        assert storage.glob(storage.join(data, split), "*.parquet"), split
+    assert storage.glob(storage.join(policy, "rl_module"), "*")
     for work in ("_staging", "_clean", "_errors"):  # prepare's work files, under output_dir
         assert not storage.exists(storage.join(out, "model", "data", work)), work
     # Ray Train's run storage and the DeepSpeed checkpoints are on S3 too.
-    ckpt = json.loads(storage.read_text(storage.join(out, "model/export/checkpoint.json")))
+    ckpt = json.loads(storage.read_text(storage.join(export, "checkpoint.json")))
     assert ckpt["checkpoint"].startswith(f"{out}/model/ray/train/checkpoint_")
     assert storage.glob(ckpt["checkpoint"], "deepspeed/*")
-    stats = json.loads(storage.read_text(storage.join(out, "model/data/stats.json")))
+    stats = json.loads(storage.read_text(storage.join(data, "stats.json")))
     assert stats["n_users"] > 100 and stats["rows_quarantined"] == 0
     saved = json.loads(storage.read_text(storage.join(out, "pipeline_summary.json")))
-    assert saved["quality"] == summary["quality"] and 0 < saved["quality"]["test.ndcg@10"] <= 1
+    quality = saved["quality"]
+    assert quality == summary["quality"] and quality["test.ndcg@10"] <= 1
+    # one epoch already beats recommending the most popular items (2-3x on this data)
+    assert quality["test.ndcg@10"] > quality["popular.test.ndcg@10"] > 0, quality
+    assert saved["frontier"] and "gain_over_best_fixed" in saved["policy"]
     assert set(summary["stage_seconds"]) == {"prepare", "train", "evaluate", "policy"}
     assert leftovers(cwd) == []  # no `s3:` folder, no outputs in the job's cwd
 
 
+def mtime_ns(uri: str) -> int:
+    """When an object was last written (S3: whole seconds)."""
+    fs, path = storage.filesystem(uri)
+    return fs.get_file_info(path).mtime_ns
+
+
 @pytest.mark.ray
-def test_killed_worker_resumes_from_checkpoint_on_s3(pipeline_run, tmp_path, monkeypatch):
-    out = storage.join(pipeline_run[0], "kill")
-    prepared = storage.join(pipeline_run[0], "model", "data")
+def test_pipeline_resume_and_skip(pipeline_run, tmp_path, monkeypatch, capsys):
+    """pipeline.resume (default true): a second run over the same output_dir finds every
+    stage's result and runs none again; pipeline.resume=false runs every stage that
+    pipeline.skip does not name, and only those."""
+    out, first, _, base = pipeline_run
     cwd = in_empty_cwd(tmp_path, monkeypatch)
-    overrides = [f"output_dir={out}", f"train.prepared_dir={prepared}", "train.epochs=2"]
-    overrides += ["train.inject_failure_at_step=7", "train.early_stop_patience=null"]
-    train_job.run(load_config(RunConfig, SMOKE, overrides))
-    assert storage.read_text(storage.join(out, "ray", "injected_failure")) == "7"
-    states = checkpoint_states(out)
-    assert [s["epoch"] for s in states] == [1, 2]  # epoch 1 not run twice: resumed from S3
-    per_epoch = states[0]["step"]
-    assert per_epoch < 7  # the worker died in epoch 2, after epoch 1's checkpoint
-    assert [s["step"] for s in states] == [per_epoch, 2 * per_epoch]
+    metrics = storage.join(out, "model", "metrics.json")
+    stamp = mtime_ns(metrics)
+    capsys.readouterr()
+    again = pipeline.run(load_config(RunConfig, SMOKE, base))
+    logs = capsys.readouterr().out
+    assert again["stage_seconds"] == {} and again["quality"] == first["quality"]
+    for stage in ("prepare", "train", "evaluate", "policy"):
+        assert f"[pipeline] {stage}: skipped (done)" in logs, stage
+    assert mtime_ns(metrics) == stamp  # train's result not rewritten
+
+    frontier = storage.join(out, "frontier", "frontier.json")
+    before = mtime_ns(frontier)
+    skip = "pipeline.skip=[prepare,train,policy,serve]"
+    only = pipeline.run(load_config(RunConfig, SMOKE, [*base, "pipeline.resume=false", skip]))
+    logs = capsys.readouterr().out
+    assert list(only["stage_seconds"]) == ["evaluate"] and mtime_ns(metrics) == stamp
+    assert mtime_ns(frontier) > before  # evaluate did run again (S3 mtimes: 1 s resolution)
+    for stage in ("prepare", "train", "policy"):
+        assert f"[pipeline] {stage}: skipped (config)" in logs, stage
     assert leftovers(cwd) == []
 
 
 @pytest.mark.ray
 def test_resume_from_a_checkpoint_uri(pipeline_run, tmp_path, monkeypatch):
     """train.resume_from=s3://...: the run continues from the first run's best checkpoint."""
-    out, _, _ = pipeline_run
-    ckpt = json.loads(storage.read_text(storage.join(out, "model/export/checkpoint.json")))
+    out = pipeline_run[0]
+    export = artifacts.resolve(storage.join(out, "model", "export"))
+    ckpt = json.loads(storage.read_text(storage.join(export, "checkpoint.json")))
     cwd = in_empty_cwd(tmp_path, monkeypatch)
     overrides = [
         f"output_dir={storage.join(out, 'resumed')}",

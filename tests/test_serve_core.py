@@ -24,7 +24,7 @@ from serve.catalog import Catalog, UserHistories
 from serve.config import ServeConfig
 from serve.engine import HeadScorer, QueryTower, history_batch
 from serve.frontend import Frontend, LocalStages, RequestError, run_sync
-from serve.http import BodyLimit
+from serve.http import BodyGuard
 from serve.schemas import RecommendRequest
 from serve.stages import StageContext
 from tests.conftest import ROOT
@@ -197,7 +197,7 @@ def test_body_limit_413_declared_and_streamed() -> None:
 
     app = Starlette(routes=[Route("/", echo, methods=["POST"])])
     app.state.max_body_bytes = 100
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyGuard)
 
     async def go() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
@@ -207,10 +207,12 @@ def test_body_limit_413_declared_and_streamed() -> None:
                 for _ in range(5):
                     yield b"x" * 30
 
+            json_body = {"content-type": "application/json"}
             return [
-                await client.post("/", content=b"x" * 100),
-                await client.post("/", content=b"x" * 101),
-                await client.post("/", content=chunks()),  # no content-length: streamed
+                await client.post("/", content=b'"' + b"x" * 98 + b'"', headers=json_body),
+                await client.post("/", content=b"x" * 101, headers=json_body),
+                # no content-length: streamed
+                await client.post("/", content=chunks(), headers=json_body),
             ]
 
     ok, declared, streamed = run_sync(go())
@@ -251,6 +253,9 @@ def test_app_builder_and_serve_config_file(model_dir) -> None:
     assert app_cfg.import_path == "serve.app:app_builder"
     names = {d.name for d in app_cfg.deployments}
     assert names == {"Ingress", "Retriever", "Ranker"}
+    (ingress_cfg,) = [d for d in app_cfg.deployments if d.name == "Ingress"]
+    assert ingress_cfg.max_queued_requests >= 1  # overload is shed (503), not queued
+    assert ingress_cfg.backpressure_config.retry_after_s >= 1
     for dep in app_cfg.deployments:
         auto = dep.autoscaling_config
         assert auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"]
@@ -319,3 +324,20 @@ def test_catalog_needs_request_behavior_in_meta(model_dir, tmp_path) -> None:
         (export / "data_meta.json").write_text(json.dumps({**rest, **bad}))
         with pytest.raises(ValueError, match=r"data_meta\.json.*request_behavior"):
             Catalog.load(export)
+
+
+def test_deployment_options_limits_and_replica_switch() -> None:
+    """serve.replicas pins every deployment's count; the queue limit and Retry-After reach
+    Serve's options (what Serve answers 503 + Retry-After with when the queue is full)."""
+    from serve.app import deployment_options
+    from serve.config import DeploymentSpec
+
+    spec = DeploymentSpec(max_ongoing_requests=3, max_queued_requests=5)
+    auto = deployment_options(spec, "X", ServeConfig(retry_after_s=2.0))
+    assert auto["max_ongoing_requests"] == 3 and auto["max_queued_requests"] == 5
+    assert auto["backpressure_config"] == {"status_code": 503, "retry_after_s": 2.0}
+    assert "autoscaling_config" in auto and "num_replicas" not in auto
+    pinned = deployment_options(spec, "X", ServeConfig(replicas=2))
+    assert pinned["num_replicas"] == 2 and "autoscaling_config" not in pinned
+    with pytest.raises(ValueError, match="replicas"):
+        ServeConfig(replicas=-1)

@@ -1,11 +1,14 @@
-"""The Serve application over real HTTP on a local Ray: answers, bad input, fuzzing, failures.
+"""The Serve application over real HTTP on a local Ray: answers, bad input, fuzzing, overload,
+replica loss.
 
-One Serve instance (jobs.serve.run: tiny untrained model and an untrained RLlib lam policy)
-serves every test of this module.
+One Serve instance (jobs.serve.run: tiny untrained model, an untrained RLlib lam policy, two
+replicas of every deployment) serves every test of this module, on a port free at fixture time.
+The in-process input tests (no Ray) are tests/test_serve_input.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -24,19 +27,25 @@ from jobs.config import RunConfig
 from rec.config_loader import load_config
 from rec.metrics import ild_jaccard
 from serve.catalog import Catalog, UserHistories
+from tests.cluster_helpers import free_port
 from tests.serve_support import make_model_dir, make_policy_dir
 
 pytestmark = pytest.mark.ray
 
-PORT = 8127
-URL = f"http://127.0.0.1:{PORT}"
 APP = "rec_http_test"
+STAGES = ("Retriever", "Ranker", "Policy")
+# Admission limits of the ingress (2 replicas): 2 x 2 running + 2 queued at the proxy; more
+# concurrent requests get 503 + Retry-After at once (test_overload_*).
+INGRESS_ONGOING, INGRESS_QUEUED = 2, 2
+URL = ""  # set by the fixture (the port is chosen then)
 
 
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):
     from ray import serve
 
+    global URL
+    port = free_port()
     model_dir = make_model_dir(tmp_path_factory.mktemp("serve_http"))
     policy_dir = make_policy_dir(tmp_path_factory.mktemp("serve_http_policy"))
     cfg = load_config(
@@ -45,15 +54,21 @@ def server(ray_local, tmp_path_factory):
         [
             f"model_dir={model_dir}",
             f"policy_dir={policy_dir}",
-            f"serve.port={PORT}",
+            f"serve.port={port}",
             f"serve.app_name={APP}",
             "rerank.n_candidates=50",
             "serve.max_k=20",
             "serve.max_history=30",
             "serve.max_body_bytes=4096",
+            "serve.replicas=2",
+            f"serve.ingress.max_ongoing_requests={INGRESS_ONGOING}",
+            f"serve.ingress.max_queued_requests={INGRESS_QUEUED}",
+            *(f"serve.{s.lower()}.num_cpus=0.125" for s in ("ingress", *STAGES)),
         ],
     )
-    assert serve_job.run(cfg, block=False) == URL
+    url = serve_job.run(cfg, block=False)
+    assert url == f"http://127.0.0.1:{port}"
+    URL = url
     catalog = Catalog.load(model_dir / "export")
     users = UserHistories.load(model_dir / "data", 20)
     yield catalog, users
@@ -167,7 +182,13 @@ def test_schemathesis_finds_no_5xx(server, mode) -> None:
     for op in operations:
 
         @given(case=op.as_strategy(generation_mode=GenerationMode(mode)))
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=25,
+            deadline=None,
+            derandomize=True,  # seeded: the same cases every run
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case) -> None:
             resp = case.call_and_validate(base_url=URL, checks=[not_a_server_error], timeout=30)
             calls.append(resp.status_code)
@@ -178,6 +199,83 @@ def test_schemathesis_finds_no_5xx(server, mode) -> None:
             # No input of this operation can be invalid (GET /healthz, /docs): nothing to send.
             assert mode == "negative", op.label
     assert calls and max(calls) < 500
+
+
+class Load:
+    """Closed-loop load in a background thread: `workers` concurrent clients (asyncio + httpx)
+    post random 5-item histories until stopped; each result is (status, seconds, Retry-After).
+    A client answered 503 pauses `backoff_s` (a polite client would wait Retry-After; a short
+    pause keeps the overload on)."""
+
+    def __init__(self, catalog: Catalog, workers: int, backoff_s: float = 0.05) -> None:
+        self.catalog, self.workers, self.backoff_s = catalog, workers, backoff_s
+        self.results: list[tuple[int, float, str | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            await asyncio.gather(*(self._client(client, seed) for seed in range(self.workers)))
+
+    async def _client(self, client: httpx.AsyncClient, seed: int) -> None:
+        rng, ids = np.random.default_rng(seed), self.catalog.item_ids
+        while not self.stop.is_set():
+            history = ids[rng.integers(1, self.catalog.n_items, 5)].tolist()
+            t = time.perf_counter()
+            try:
+                resp = await client.post(f"{URL}/recommend", json={"history": history})
+                code, retry = resp.status_code, resp.headers.get("retry-after")
+            except httpx.HTTPError:
+                code, retry = -1, None
+            self.results.append((code, time.perf_counter() - t, retry))
+            if code == 503:
+                await asyncio.sleep(self.backoff_s)
+
+    def wait_for(self, n: int, timeout_s: float = 60.0) -> None:
+        """Poll until `n` more answers came back (a deadline, never a fixed sleep)."""
+        target, deadline = len(self.results) + n, time.monotonic() + timeout_s
+        while len(self.results) < target:
+            assert time.monotonic() < deadline, f"{len(self.results)} < {target} answers"
+            time.sleep(0.05)
+
+    def codes(self) -> dict[int, int]:
+        return {c: sum(r[0] == c for r in self.results) for c in {r[0] for r in self.results}}
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)
+
+
+def test_overload_is_shed_with_503_and_retry_after(server) -> None:
+    """Concurrency 64 against 4 running + 2 queued: the rest is 503 + Retry-After, nothing else.
+
+    Admitted latency is printed, not asserted: on this 2-core machine the 64 clients, the proxy
+    answering hundreds of 503/s and the replicas share the cores, and admitted p99 was ~20x the
+    unloaded p99 (bench/README.md "Serving under faults and hostile input")."""
+    catalog, _ = server
+    with Load(catalog, workers=1) as alone:
+        alone.wait_for(60)
+    # A client told 503 + Retry-After: 1 comes back within a quarter of it (pressure stays on).
+    with Load(catalog, workers=64, backoff_s=0.25) as over:
+        over.wait_for(300)
+    assert alone.codes() == {200: len(alone.results)}
+    unloaded = np.percentile([t for _, t, _ in alone.results], 99)
+    admitted = [t for c, t, _ in over.results if c == 200]
+    shed = [(t, retry) for c, t, retry in over.results if c == 503]
+    print(
+        f"[overload] {over.codes()} unloaded p99 {unloaded * 1e3:.0f} ms, admitted p99 "
+        f"{np.percentile(admitted, 99) * 1e3:.0f} ms, 503 p50 "
+        f"{np.median([t for t, _ in shed]) * 1e3:.0f} ms"
+    )
+    assert set(over.codes()) == {200, 503}  # shed (no queue limit: no 503), no 500, no timeout
+    assert len(shed) > len(admitted)  # most of a 64-client overload is refused, not queued
+    assert {retry for _, retry in shed} == {"1"}  # serve.retry_after_s
+    assert len(admitted) >= 30  # and the server kept serving
 
 
 def replica_actor_names(deployment: str) -> list[str]:
@@ -197,41 +295,56 @@ def running_replicas(deployment: str) -> int:
     return int(dep.replica_states.get("RUNNING", 0))
 
 
-def test_killed_replica_is_replaced_during_load(server) -> None:
+def kill_and_wait_replaced(victims: dict[str, list[str]], timeout_s: float = 120.0) -> float:
+    """Kill the named replicas; poll serve.status until every deployment again runs 2 replicas
+    none of which is a victim. Returns the seconds that took."""
     import ray
 
+    t0 = time.monotonic()
+    for names in victims.values():
+        for name in names:
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    while True:
+        done = all(  # two live named replicas, none a victim, and Serve counts both running
+            len(live := replica_actor_names(dep)) == 2
+            and not set(names) & set(live)
+            and running_replicas(dep) == 2
+            for dep, names in victims.items()
+        )
+        if done:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < timeout_s, {d: running_replicas(d) for d in victims}
+        time.sleep(0.2)
+
+
+def test_one_replica_of_every_stage_killed_loses_no_request(server) -> None:
+    """Two replicas per stage: a call that hit a killed replica is retried on the other one."""
     catalog, _ = server
-    (victim,) = replica_actor_names("Ranker")
-    results: list[int] = []
-    stop = threading.Event()
+    victims = {dep: replica_actor_names(dep)[:1] for dep in STAGES}
+    assert all(victims.values()), victims
+    with Load(catalog, workers=4, backoff_s=0.0) as load:
+        load.wait_for(40)
+        recovery = kill_and_wait_replaced(victims)
+        load.wait_for(40)  # answers served by the replacements too
+    print(f"[replica kill] {load.codes()} during the kill, replaced in {recovery:.1f} s")
+    codes = load.codes()
+    # Measured: {200: 916, 503: 18} with 3 retries over 0.35 s; never a 500 (before: 500s, and this test
+    # accepted half the requests failing). 503 + Retry-After when a call's retries run out.
+    assert set(codes) <= {200, 503} and codes.get(503, 0) <= 0.05 * len(load.results), codes
+    assert all(retry == "1" for c, _, retry in load.results if c == 503)
 
-    def load() -> None:
-        with httpx.Client(timeout=30) as client:
-            while not stop.is_set():
-                history = catalog.item_ids[np.random.randint(1, catalog.n_items, 5)].tolist()
-                try:
-                    code = client.post(f"{URL}/recommend", json={"history": history}).status_code
-                except httpx.HTTPError:
-                    code = -1
-                results.append(code)
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)
-    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        names = replica_actor_names("Ranker")
-        if names and names != [victim] and running_replicas("Ranker") >= 1:
-            break
-        time.sleep(0.5)
-    time.sleep(2.0)
-    stop.set()
-    for t in threads:
-        t.join()
-    errors = sum(code != 200 for code in results)
-    print(f"[replica kill] {len(results)} requests during the kill, {errors} errors")
-    assert victim not in replica_actor_names("Ranker") and running_replicas("Ranker") == 1
-    assert results[-20:] == [200] * 20  # recovered: the last requests all succeed
-    assert errors < len(results) / 2
+def test_every_replica_of_a_stage_killed_is_503_never_500(server) -> None:
+    """Both Ranker replicas gone (what one replica's loss is with serve.replicas=1): requests
+    are 503 + Retry-After (or wait for the replacement and succeed), never 500."""
+    catalog, _ = server
+    with Load(catalog, workers=4, backoff_s=0.0) as load:
+        load.wait_for(40)
+        recovery = kill_and_wait_replaced({"Ranker": replica_actor_names("Ranker")})
+        deadline = time.monotonic() + 60  # recovered: 20 answers in a row are 200
+        while [c for c, _, _ in load.results[-20:]] != [200] * 20:
+            assert time.monotonic() < deadline, load.codes()
+            load.wait_for(1)
+    print(f"[all Ranker replicas killed] {load.codes()}, replaced in {recovery:.1f} s")
+    assert set(load.codes()) <= {200, 503}, load.codes()
+    assert all(retry == "1" for c, _, retry in load.results if c == 503)

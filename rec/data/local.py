@@ -7,21 +7,19 @@ It holds the whole log in memory: fine for a laptop-sized log, not for 100M rows
 from __future__ import annotations
 
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
-from rec import storage
+from rec import artifacts, storage
 from rec.data import outputs, readers, sequences
 from rec.data.config import DataConfig
 
 
 def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
     """Read, validate, clean, build vocabularies and sequences, write the splits; return stats."""
-    t0 = time.perf_counter()
     out = storage.absolute(output_dir)
     outputs.reset_output(out)
     fmt = readers.get_format(cfg.format)
@@ -51,7 +49,11 @@ def prepare_local(cfg: DataConfig, output_dir: str | Path) -> dict:
     for split, frame in sequences.split_views(seqs, cfg.max_len).items():
         storage.write_parquet(frame, storage.join(out, split, "part-00000.parquet"))
     info.pop("rows_in")
-    return outputs.finish(out, cfg, log.height, info, time.perf_counter() - t0)
+    stats = outputs.finish(out, cfg, log.height, info)
+    # Sealed in place (tests and benches re-run it into one folder; jobs.prepare publishes
+    # versions): readers verify it like a published version.
+    artifacts.write_manifest(out, kind="prepared", producer="rec.data.local", config=cfg)
+    return stats
 
 
 def _generate(generate, cfg: DataConfig, raw: str) -> None:

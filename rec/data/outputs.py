@@ -7,7 +7,9 @@
   quarantine/             rows set aside, with source, offset, raw text and reason
   meta.json               what training and serving need: sizes, max_len, timestamp kind,
                           request_behavior (the token name serving gives request events)
-  stats.json              counts and timing of the run
+  stats.json              counts of the run (no timings: equal input gives equal files)
+  MANIFEST.json           every file's size and sha256 (rec/artifacts.py); jobs.prepare writes
+                          all of this into a new version v-.../ of output_dir (CURRENT names it)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from rec import storage
+from rec.artifacts import MANIFEST
 from rec.data.config import DataConfig
 from rec.data.readers import get_format
 from rec.data.schema import ENGAGED_TOKENS, QUARANTINE_REASONS
@@ -31,7 +34,8 @@ def reset_output(out: str) -> None:
     path or a URI (rec/storage.py), as everywhere in this module."""
     storage.check(out)
     storage.makedirs(out)
-    for name in (*SPLITS, "vocab", "quarantine", *WORK_DIRS, "stats.json", "meta.json"):
+    names = (*SPLITS, "vocab", "quarantine", *WORK_DIRS, "stats.json", "meta.json", MANIFEST)
+    for name in names:
         storage.delete(storage.join(out, name))
 
 
@@ -56,9 +60,9 @@ def finish(
     cfg: DataConfig,
     rows_valid: int,
     clean_info: dict[str, int],
-    seconds: float,
 ) -> dict:
-    """Write meta.json and stats.json from what is now on disk; return the stats."""
+    """Write meta.json and stats.json from what is now on disk; return the stats. Nothing
+    run-dependent (timings, hosts) goes in: equal input and config give equal files."""
     items = storage.read_parquet(storage.join(out, "vocab", "items.parquet"))
     cats = storage.read_parquet(storage.join(out, "vocab", "categories.parquet"))
     users, interactions = 0, 0
@@ -82,7 +86,6 @@ def finish(
         "n_items": items.height,
         "n_categories": cats.height,
         "n_interactions": int(interactions or 0),
-        "seconds": round(seconds, 3),
     }
     fmt = get_format(cfg.format)
     meta = {

@@ -1,0 +1,173 @@
+"""No 5xx on any input: the ingress's FastAPI app in-process (stages local, no Ray).
+
+The real `serve.app.api` (its routes, middleware and schemas) with its state built from a tiny
+model as an ingress replica builds it (`serve.app.attach`), driven through Starlette's
+TestClient. Each hostile body gets a 4xx whose text names the problem.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import schemathesis
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+
+from rec.rerank import RerankConfig
+from serve import app as app_module
+from serve.config import ServeConfig
+from serve.frontend import LocalStages, run_sync
+from serve.http import MAX_DEPTH, BodyGuard
+from serve.stages import StageContext
+from tests.serve_support import make_model_dir
+
+LIMIT = 65536  # serve.max_body_bytes here: room for the deep-nesting bodies below
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    model_dir = make_model_dir(tmp_path_factory.mktemp("serve_input"))
+    cfg = ServeConfig(max_k=20, max_history=30, max_body_bytes=LIMIT)
+    ctx = StageContext(str(model_dir), cfg, RerankConfig(n_candidates=50), None)
+    stages = LocalStages(ctx)
+    api = app_module.api
+    before = dict(api.state._state)
+    app_module.attach(app_module.build_frontend(ctx, str(model_dir), stages), stages, cfg)
+    with TestClient(api) as test_client:
+        yield test_client
+    api.state._state.clear()
+    api.state._state.update(before)
+    torch.set_num_threads(threads)  # the stages set it (serve.torch_threads)
+
+
+def post(client, body: bytes, content_type: str | None = "application/json"):
+    headers = {"content-type": content_type} if content_type else {}
+    return client.post("/recommend", content=body, headers=headers)
+
+
+def nested(depth: int) -> bytes:
+    return b'{"history": ' + b"[" * depth + b"1" + b"]" * depth + b"}"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "named"),
+    [
+        (b'{"lam": NaN}', 422, "NaN"),
+        (b'{"lam": Infinity}', 422, "Infinity"),
+        (b'{"lam": -Infinity}', 422, "-Infinity"),
+        (b'{"lam": 1e400}', 422, "overflows"),
+        (b'{"user_id": 9223372036854775808}', 422, "64-bit"),
+        (b'{"history": [1, -9223372036854775809]}', 422, "64-bit"),
+        (b'{"k": 1' + b"0" * 5000 + b"}", 422, "64-bit"),  # Python's int() refuses > 4300 digits
+        (b'{"k": 3, "k": 5}', 422, "duplicate key 'k'"),
+        (nested(MAX_DEPTH + 1), 422, "nested deeper"),
+        (nested(20000), 422, "nested deeper"),  # json's recursion limit, not a RecursionError 500
+        (b'{"history": [[[1]]]}', 422, "history"),  # within the depth limit: the schema refuses
+        ('{"kk\u00e9\U0001f600": 1}'.encode(), 422, "kk\u00e9\U0001f600"),  # extra field, echoed
+        ('{"history": ["\u00e9t\u00e9"]}'.encode(), 422, "history"),
+        (b'{"user_id": "\\ud800"}', 422, "surrogate"),  # a 422 echoing it could not be encoded
+        (b'{"k": 3, "x": "\xff\xfe"}', 422, "UTF-8"),
+        (b"\xef\xbb\xbf{}", 422, "invalid JSON"),  # a UTF-8 byte-order mark
+        (b'{"k": 3,', 422, "invalid JSON"),
+        (b"[1, 2]", 422, "body"),
+        (b"null", 422, "body"),
+    ],
+)
+def test_hostile_json_is_4xx_naming_the_problem(client, body, status, named) -> None:
+    resp = post(client, body)
+    assert resp.status_code == status, resp.text
+    assert named in resp.content.decode("utf-8"), resp.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        (None, 415),  # a body must say it is JSON
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+        ("application/merge-patch+json", 200),
+    ],
+)
+def test_content_type_must_be_json(client, content_type, status) -> None:
+    resp = post(client, b'{"k": 3}', content_type)
+    assert resp.status_code == status, resp.text
+    if status == 415:
+        assert "application/json" in resp.json()["detail"]
+    else:
+        assert len(resp.json()["items"]) == 3
+
+
+def test_valid_unicode_free_request_and_empty_body(client) -> None:
+    ok = post(client, json.dumps({"history": [1, 2, 3], "k": 4, "lam": 0.5}).encode())
+    assert ok.status_code == 200 and len(ok.json()["items"]) == 4
+    empty = post(client, b"", None)  # no body at all: the schema's "Field required"-style 422
+    assert empty.status_code == 422
+
+
+def test_oversized_body_is_413_without_reading_it() -> None:
+    """A declared length over the limit is refused before one byte of the body is read."""
+    reads = []
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app saw an oversized request")
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "headers": [(b"content-length", b"1000000000"), (b"content-type", b"application/json")],
+    }
+    run_sync(BodyGuard(app)(scope, receive, send))
+    assert sent[0]["status"] == 413 and reads == []
+    body = json.loads(sent[1]["body"])
+    assert "1000000000 bytes is over the limit of 65536" in body["detail"]
+    # Streamed (no Content-Length): reading stops at the first chunk past the limit.
+    reads.clear(), sent.clear()
+    scope["headers"] = [(b"content-type", b"application/json")]
+    run_sync(BodyGuard(app)(scope, receive, send))
+    assert sent[0]["status"] == 413 and len(reads) == 65536 // 1024 + 1
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_in_process_finds_no_5xx(client, mode) -> None:
+    """Every operation of /openapi.json, seeded (derandomized): the same cases every run."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app_module.api)
+    calls = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+
+        @given(case=op.as_strategy(generation_mode=GenerationMode(mode)))
+        @settings(
+            max_examples=60,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case) -> None:
+            resp = case.call_and_validate(checks=[not_a_server_error])
+            calls.append(resp.status_code)
+
+        try:
+            check()
+        except Unsatisfiable:
+            assert mode == "negative", op.label  # nothing about GET /healthz can be invalid
+    assert len(calls) >= 60 and max(calls) < 500
