@@ -25,53 +25,54 @@ def _current_export(run: Path) -> Path:
 def main(out: Path) -> None:
     gpu = (out / "gpu.txt").read_text().strip() if (out / "gpu.txt").exists() else "unknown"
     peak = next((v for k, v in PEAK_BF16.items() if k in gpu), None)
-    rows = []
     names = {p.name for p in out.glob("*-z*") if p.is_dir()}
     names |= {p.name.removesuffix(".wall.json") for p in out.glob("*-z*.wall.json")}
-    for run in (out / n for n in sorted(names)):
-        metrics_path = run / "metrics.json"
-        wall_path = out / f"{run.name}.wall.json"
-        wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
-        config_path = _current_export(run) / "model_config.json"
-        m = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-        if m is None and config_path.exists():
-            m = _from_log(out / f"{run.name}.log")  # cut after training (e.g. by a timeout)
-        if m is None:
-            rows.append(
-                {
-                    "run": run.name,
-                    "error": f"no metrics (rc {wall.get('rc')}, see {run.name}.log)",
-                }
-            )
-            continue
-        cfg = json.loads(config_path.read_text())
-        hidden, layers, ffn = _arch(cfg)
-        n_items = cfg["data"]["n_items"]
-        backbone = layers * (4 * hidden**2 + 3 * hidden * ffn)  # attention projections + SwiGLU
-        mean_context = 25  # half the 50-event window
-        flops_token = 6 * backbone + 6 * hidden * n_items + 12 * layers * hidden * mean_context
-        # Steady: after the first batches (CUDA and allocator warm-up); whole: the epoch loop.
-        tps = m.get("best.train_tokens_per_s_steady", m["best.train_tokens_per_s"])
-        rows.append(
-            {
-                "run": run.name,
-                "parameters": m["parameters"],
-                "tokens_per_s": tps,
-                "tokens_per_s_whole_loop": m["best.train_tokens_per_s"],
-                "seq_per_s": m["best.train_seq_per_s"],
-                "gpu_peak_mem_gb": m.get("best.gpu_peak_mem_gb"),
-                "mfu": round(tps * flops_token / peak, 4) if peak else None,
-                "steps": m["best.step"],
-                "train_loop_s": m["best.train_seconds"],
-                "job_wall_s": wall.get("wall_s"),
-                "valid.ndcg@10": m.get("best.valid.ndcg@10"),
-                "test.ndcg@10": m.get("test.ndcg@10"),
-                "finished": metrics_path.exists(),  # False: the job stopped in its test evaluation
-                "hidden": hidden,
-                "layers": layers,
-            }
-        )
+    rows = [_run_row(out, out / name, peak) for name in sorted(names)]
     report = {"gpu": gpu, "peak_bf16_flops": peak, "runs": rows}
+    _print_table(gpu, rows)
+    Path("bench/results/gpu_check.json").write_text(json.dumps(report, indent=2))
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+
+def _run_row(out: Path, run: Path, peak: float | None) -> dict:
+    """One run's throughput and MFU, or the reason it has none."""
+    metrics_path = run / "metrics.json"
+    wall_path = out / f"{run.name}.wall.json"
+    wall = json.loads(wall_path.read_text()) if wall_path.exists() else {}
+    config_path = _current_export(run) / "model_config.json"
+    m = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+    if m is None and config_path.exists():
+        m = _from_log(out / f"{run.name}.log")  # cut after training (e.g. by a timeout)
+    if m is None:
+        return {"run": run.name, "error": f"no metrics (rc {wall.get('rc')}, see {run.name}.log)"}
+    cfg = json.loads(config_path.read_text())
+    hidden, layers, ffn = _arch(cfg)
+    n_items = cfg["data"]["n_items"]
+    backbone = layers * (4 * hidden**2 + 3 * hidden * ffn)  # attention projections + SwiGLU
+    mean_context = 25  # half the 50-event window
+    flops_token = 6 * backbone + 6 * hidden * n_items + 12 * layers * hidden * mean_context
+    # Steady: after the first batches (CUDA and allocator warm-up); whole: the epoch loop.
+    tps = m.get("best.train_tokens_per_s_steady", m["best.train_tokens_per_s"])
+    return {
+        "run": run.name,
+        "parameters": m["parameters"],
+        "tokens_per_s": tps,
+        "tokens_per_s_whole_loop": m["best.train_tokens_per_s"],
+        "seq_per_s": m["best.train_seq_per_s"],
+        "gpu_peak_mem_gb": m.get("best.gpu_peak_mem_gb"),
+        "mfu": round(tps * flops_token / peak, 4) if peak else None,
+        "steps": m["best.step"],
+        "train_loop_s": m["best.train_seconds"],
+        "job_wall_s": wall.get("wall_s"),
+        "valid.ndcg@10": m.get("best.valid.ndcg@10"),
+        "test.ndcg@10": m.get("test.ndcg@10"),
+        "finished": metrics_path.exists(),  # False: the job stopped in its test evaluation
+        "hidden": hidden,
+        "layers": layers,
+    }
+
+
+def _print_table(gpu: str, rows: list[dict]) -> None:
     print(f"GPU: {gpu}")
     print(f"{'run':12} {'params':>8} {'tokens/s':>10} {'MFU':>6} {'peak mem GB':>11} {'job s':>6}")
     for r in rows:
@@ -83,8 +84,6 @@ def main(out: Path) -> None:
             f"{r['run']:12} {r['parameters'] / 1e6:7.0f}M {r['tokens_per_s']:10,.0f} {mfu:>6}"
             f" {r['gpu_peak_mem_gb']!s:>11} {r['job_wall_s']!s:>6}"
         )
-    Path("bench/results/gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
 
 def _from_log(log: Path) -> dict | None:

@@ -42,14 +42,15 @@ def run_one(mode: str, log: str, out: str) -> dict:
     from rec.data.config import DataConfig
 
     cfg = DataConfig(format="taobao", path=log)
-    tree_peak = [0]
+    tree_peak, worker_peak = [0], [0]
     stop = threading.Event()
 
-    def sample() -> None:  # RSS of this process and its children (Ray's workers), summed
+    def sample() -> None:  # RSS of this process and its children (Ray's workers)
         me = psutil.Process()
         while not stop.wait(0.2):
-            procs = [me, *me.children(recursive=True)]
-            tree_peak[0] = max(tree_peak[0], sum(_rss(p) for p in procs))
+            rss = [_rss(p) for p in me.children(recursive=True)]
+            tree_peak[0] = max(tree_peak[0], _rss(me) + sum(rss))
+            worker_peak[0] = max(worker_peak[0], *rss, 0)  # the largest single child
 
     t_start = time.perf_counter()
     if mode == "ray":
@@ -74,11 +75,20 @@ def run_one(mode: str, log: str, out: str) -> dict:
         "seconds": round(seconds, 2),
         "startup_seconds": round(t_ready - t_start, 2),
         "events_per_s": round(stats["rows_read"] / seconds),
-        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "driver_peak_rss_mb": _driver_peak_mb(),
         "tree_peak_rss_mb": round(tree_peak[0] / 2**20),
+        "worker_peak_rss_mb": round(worker_peak[0] / 2**20),
         "n_users": stats["n_users"],
         "n_items": stats["n_items"],
     }
+
+
+def _driver_peak_mb() -> int:
+    """VmHWM: ru_maxrss would include the parent's RSS at exec (bench/scale.py's generator)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _rss(p: psutil.Process) -> int:

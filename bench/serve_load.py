@@ -31,9 +31,17 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def user_ids(model_dir: Path) -> np.ndarray:
-    """Raw user ids with a logged history (the server knows them)."""
-    frame = pl.read_parquet(model_dir / "data" / "test" / "*.parquet", columns=["user_id"])
+def user_ids(model_dir: str | Path) -> np.ndarray:
+    """Raw user ids with a logged history (the server knows them): the test split of the
+    current version of <model_dir>/data, verified as a replica verifies it."""
+    if str(ROOT) not in sys.path:  # run as a script: bench/ is on the path, the repo is not
+        sys.path.insert(0, str(ROOT))
+    from serve.cache import test_split
+
+    test = test_split(str(Path(ROOT, model_dir)))
+    if test is None:
+        raise SystemExit(f"{model_dir}/data has no test split: no logged users to ask for")
+    frame = pl.read_parquet(test / "*.parquet", columns=["user_id"])
     return frame["user_id"].to_numpy()
 
 
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     parser.add_argument("--start", nargs="+", metavar=("CONFIG", "OVERRIDE"), default=None)
     args = parser.parse_args(argv)
-    users = user_ids(ROOT / args.model_dir)
+    users = user_ids(args.model_dir)
     proc = start_server(args.start[0], args.start[1:], args.url) if args.start else None
     try:
         levels = []

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from jobs.common import RayConfig
 from jobs.sweep import SweepConfig
 from rec.data.config import DataConfig
+from rec.evaluation import EvalConfig
 from rec.frontier import FrontierConfig
 from rec.model import ModelConfig
 from rec.rerank import RerankConfig
@@ -64,6 +65,8 @@ class RunConfig:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     # The Ray Serve application (serve/config.py), run by jobs/serve.py.
     serve: ServeConfig = field(default_factory=ServeConfig)
+    # The final test evaluation: sampled users on a large catalogue, items ranked in chunks.
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Relevance-diversity frontier of a trained model (rec/frontier.py, jobs/evaluate.py).
     frontier: FrontierConfig = field(default_factory=FrontierConfig)
     # The simulator's world cut from the trained model (rl/world.py): jobs.train_policy.

@@ -30,6 +30,9 @@ from jobs.common import RayConfig, check_locations, main_guard, parse_args
 from jobs.config import RunConfig
 from rec import artifacts, storage
 from rec.config_loader import ConfigError
+from rec.logs import get_logger
+
+log = get_logger("pipeline")
 
 
 def run(cfg: RunConfig) -> dict:
@@ -61,21 +64,22 @@ def run(cfg: RunConfig) -> dict:
     seconds: dict[str, float] = {}
     for stage, fn in runs.items():
         if stage in pc.skip or (pc.resume and storage.exists(done[stage])):
-            print(f"[pipeline] {stage}: skipped ({'config' if stage in pc.skip else 'done'})")
+            log.info("%s: skipped (%s)", stage, "config" if stage in pc.skip else "done")
             continue
         t0 = time.perf_counter()
-        print(f"[pipeline] {stage} ...", flush=True)
+        log.info("%s ...", stage)
         fn()
         seconds[stage] = round(time.perf_counter() - t0, 1)
     summary = summarise(done, seconds)
     if "serve" not in pc.skip:
         summary |= deploy_and_probe(cfg, model_dir, policy_dir)
     storage.write_text(join(out, "pipeline_summary.json"), json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))  # the result, on stdout as it is
     if "serve" not in pc.skip:
-        print(f"[pipeline] try it:\n{summary['curl']}\n[pipeline] answer: {summary['answer']}")
+        log.info("try it:\n%s", summary["curl"])
+        log.info("answer: %s", summary["answer"])
         if _blocks(pc.serve_mode, cfg.ray):
-            print("[pipeline] serving until Ctrl-C", flush=True)
+            log.info("serving until Ctrl-C")
             _block_forever()
     return summary
 
@@ -143,7 +147,7 @@ def _block_forever() -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("[pipeline] stopped", flush=True)
+        log.info("stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,10 @@ import sys
 from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from rec import artifacts, storage
+from rec.logs import get_logger
 from rec.ray_prepare import prepare
+
+log = get_logger("prepare")
 
 
 def run(cfg: RunConfig) -> dict:
@@ -27,7 +30,7 @@ def run(cfg: RunConfig) -> dict:
     init_ray(cfg.ray)
     stats = prepare(cfg.data, cfg.output_dir)
     print(json.dumps(stats, indent=2))
-    print(f"[prepare] wrote {artifacts.resolve(storage.absolute(cfg.output_dir))}")
+    log.info("wrote %s", artifacts.resolve(storage.absolute(cfg.output_dir)))
     return stats
 
 

@@ -20,6 +20,9 @@ from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from rec import artifacts, storage
 from rec.config_loader import ConfigError
+from rec.logs import get_logger
+
+log = get_logger("serve")
 
 
 def run(cfg: RunConfig, block: bool = True) -> str:
@@ -47,7 +50,7 @@ def run(cfg: RunConfig, block: bool = True) -> str:
     )
     serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    print(f"[serve] {cfg.serve.app_name} at {url} (docs: {url}/docs)", flush=True)
+    log.info("%s at %s (docs: %s/docs)", cfg.serve.app_name, url, url)
     if block:
         # `kill` (SIGTERM) stops the server as cleanly as Ctrl-C does.
         signal.signal(signal.SIGTERM, _interrupt)
@@ -55,7 +58,7 @@ def run(cfg: RunConfig, block: bool = True) -> str:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("[serve] shutting down", flush=True)
+            log.info("shutting down")
             serve.shutdown()
     return url
 

@@ -61,10 +61,12 @@ def sweep(cfg: RunConfig) -> tuple[dict, RunConfig]:
     from ray.tune.schedulers import ASHAScheduler
 
     from jobs.training import train_spec
+    from rec.tracking import create_experiment
     from rec.train import SCORE
 
     out = storage.absolute(cfg.output_dir)  # a local path or a URI
     base = train_spec(cfg, storage_dir=storage.join(out, "trials"))
+    create_experiment(cfg.train.tracking, out)  # before trials run side by side
     tune_path, tune_fs = storage.for_ray(storage.join(out, "tune"))
     trainable = tune.with_resources(lambda params: _trial(base, params["trial"]), {"cpu": 0.01})
     tuner = tune.Tuner(
@@ -125,6 +127,7 @@ def _trial(base: TrainSpec, params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from jobs.training import tracking_target
     from rec.train import fit
 
     trial = tune.get_context().get_trial_id()
@@ -133,6 +136,7 @@ def _trial(base: TrainSpec, params: dict) -> None:
         model=_model(base.model, params),
         train=replace(base.train, lr=params["lr"]),
         storage_dir=storage.join(base.storage_dir, trial),
+        tracking=base.tracking and tracking_target(base.tracking.root, trial),
     )
     fit(spec, name="train", callbacks=[TuneReportCallback()])
 

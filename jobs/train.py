@@ -3,9 +3,12 @@
     python -m jobs.train --config jobs/configs/beauty.yaml output_dir=outputs/beauty
 
 Prepares the data into <output_dir>/data first if it is not there. Writes:
-  <output_dir>/export/       serving export (model.safetensors + model_config.json + vocab/),
+  <output_dir>/export/       serving export (model.safetensors + model_config.json + vocab/,
+                             backbone/: the Llama decoder for transformers' from_pretrained),
                              published as a new version v-.../ with MANIFEST.json; CURRENT
                              names it (verify: python -m rec.artifacts <output_dir>/export)
+  <output_dir>/training_curves.png  loss per head, valid NDCG/Recall/ILD@10 per epoch
+  <output_dir>/mlruns/, tensorboard/train/  per-epoch metrics (MLflow file store, TensorBoard)
   <output_dir>/metrics.json  test.* (history included, as S3-Rec/RecBole), test_unseen.*
                              (history excluded), popular.test.*, best valid.*, timings
   <output_dir>/ray/          Ray Train run: DeepSpeed checkpoints per epoch
@@ -23,8 +26,10 @@ from jobs.training import final_test_metrics, publish_best, train_spec
 from rec import artifacts, storage
 from rec.config_loader import ConfigError
 from rec.data.splits import load_item_tables
+from rec.logs import get_logger
 from rec.train import describe, fit
 
+log = get_logger("train")
 SUMMARY_PREFIXES = ("test.", "popular.test.", "best.valid.")  # the metrics printed at the end
 
 
@@ -46,18 +51,18 @@ def run(cfg: RunConfig) -> dict:
         artifacts.verify(storage.absolute(resume))
     storage.delete(run_dir)
     info = describe(spec, load_item_tables(prepared))
-    print(f"[train] {info['parameters']:,} parameters; data {prepared}", flush=True)
+    log.info("%s parameters; data %s", f"{info['parameters']:,}", prepared)
     result = fit(spec)
     if result.error:
         raise result.error
     export = publish_best(result, prepared, storage.join(out, "export"), cfg)
-    metrics = final_test_metrics(export, prepared, cfg.train.eval_batch_size)
+    metrics = final_test_metrics(export, prepared, cfg.train.eval_batch_size, cfg.eval)
     metrics |= {"parameters": info["parameters"], "seconds": round(time.perf_counter() - t0, 1)}
     metrics_path = storage.join(out, "metrics.json")
     storage.write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True))
     summary = {k: v for k, v in metrics.items() if k.startswith(SUMMARY_PREFIXES)}
-    print(json.dumps(summary, indent=2))
-    print(f"[train] wrote {metrics_path} and the serving export {export}")
+    print(json.dumps(summary, indent=2))  # the result, on stdout as it is
+    log.info("wrote %s, training_curves.png and the serving export %s", metrics_path, export)
     return metrics
 
 

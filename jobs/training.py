@@ -25,17 +25,20 @@ import torch
 
 from jobs.common import prepared_dir
 from jobs.config import RunConfig
-from rec import artifacts, storage
+from rec import ann, artifacts, storage
 from rec.data.batch import collate, length_batches
 from rec.data.splits import load_examples, load_item_tables
-from rec.evaluation import evaluate
-from rec.export import load_export
+from rec.evaluation import EvalConfig, evaluate, resolve_max_users, sample_users
+from rec.export import load_export, save_hf_backbone
+from rec.logs import get_logger
 from rec.model import ModelConfig
 from rec.ray_checkpoints import lineage
 from rec.ray_prepare import prepare
+from rec.tracking import TrackingTarget
 from rec.train import SCORE, TrainSpec, count_steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
+log = get_logger("train")
 
 
 def train_spec(cfg: RunConfig, storage_dir: str | Path) -> TrainSpec:
@@ -53,7 +56,17 @@ def train_spec(cfg: RunConfig, storage_dir: str | Path) -> TrainSpec:
         steps_per_epoch=count_steps_per_epoch(prepared, cfg.train),
         storage_dir=storage.absolute(storage_dir),
         extensions_dir=str(ROOT / ".cache" / "torch_extensions"),
+        tracking=tracking_target(storage.absolute(cfg.output_dir)),
     )
+
+
+def tracking_target(out: str, trial: str | None = None) -> TrackingTarget:
+    """A run's MLflow / TensorBoard / curves locations under the job's output_dir `out`: a
+    training job's `training_curves.png` beside its metrics.json, a sweep trial's under
+    trials/<trial>/ (beside its checkpoints), all trials in one MLflow store."""
+    if trial is None:
+        return TrackingTarget(out, "train", storage.join(out, "training_curves.png"))
+    return TrackingTarget(out, trial, storage.join(out, "trials", trial, "training_curves.png"))
 
 
 def model_for_data(model: ModelConfig, meta: dict) -> ModelConfig:
@@ -84,19 +97,25 @@ def publish_export(checkpoint_dir: Path, checkpoint: str, prepared: str, dest: s
     with tempfile.TemporaryDirectory(prefix="raydiv-export-") as tmp:
         build = Path(tmp) / "export"
         shutil.copytree(checkpoint_dir / "export", build)
+        save_hf_backbone(build)  # backbone/: the decoder as a transformers model directory
         state = json.loads((checkpoint_dir / "state.json").read_text())
         storage.download_dir(storage.join(prepared, "vocab"), build / "vocab")
         meta = storage.read_bytes(storage.join(prepared, "meta.json"))
         (build / "data_meta.json").write_bytes(meta)
         (build / "checkpoint.json").write_text(json.dumps({"checkpoint": checkpoint, **state}))
+        serving = config.get("serve", {})  # an ANN index on a large catalogue, in the MANIFEST
+        mode, min_items = serving.get("retrieval", "auto"), serving.get("ann_min_items")
+        ann.add_to_export(build, mode, min_items or ann.DEFAULT_MIN_ITEMS)
         version = artifacts.publish(
             build, dest, kind="export", producer="jobs.train", config=config
         )
-    print(f"[train] published the export {version}", flush=True)
+    log.info("published the export %s", version)
     return dest
 
 
-def final_test_metrics(export: str, prepared: str, batch_size: int) -> dict:
+def final_test_metrics(
+    export: str, prepared: str, batch_size: int, eval_cfg: EvalConfig | None = None
+) -> dict:
     """Full-ranking test metrics of the exported model, in this plain process (no DeepSpeed),
     plus the best checkpoint's training metrics as `best.*`.
 
@@ -110,6 +129,10 @@ def final_test_metrics(export: str, prepared: str, batch_size: int) -> dict:
     model = load_export(export, device=device)
     tables = load_item_tables(prepared)
     test = collate(load_examples(prepared, "test", model.cfg.max_len))
-    metrics = evaluate(model, length_batches(test, batch_size), tables, "test", popular=True)
+    ecfg = eval_cfg or EvalConfig()  # a seeded user sample on a large catalogue (rec.evaluation)
+    test = sample_users(test, resolve_max_users(ecfg, tables.n_items), ecfg.seed)
+    batches = length_batches(test, batch_size)
+    metrics = evaluate(model, batches, tables, "test", popular=True, item_chunk=ecfg.item_chunk)
+    metrics["test.n_users"] = test.size
     trained = json.loads((export / "model_config.json").read_text())["extra"]["metrics"]
     return metrics | {f"best.{k}": v for k, v in trained.items()}

@@ -6,7 +6,9 @@ Each trial runs the same Ray Train + DeepSpeed training as jobs.train (jobs/swee
 sweep's settings under `tune:`, its trials, the Tune run), and ASHA stops weak trials early.
 Prepares the data into <output_dir>/data first if it is not there. Writes <output_dir>/best.yaml
 (the run config with the best trial's values, ready for `jobs.train --config`) and
-<output_dir>/tune_results.json (every trial's values and best valid NDCG@10).
+<output_dir>/tune_results.json (every trial's values and best valid NDCG@10). Each trial logs
+its epochs as jobs.train does: an MLflow run named by its trial id in <output_dir>/mlruns,
+tensorboard/<trial>/, trials/<trial>/training_curves.png.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from jobs.config import RunConfig
 from jobs.sweep import sweep
 from rec import storage
 from rec.config_loader import dump_yaml
+from rec.logs import get_logger
+
+log = get_logger("tune")
 
 
 def run(cfg: RunConfig) -> dict:
@@ -29,7 +34,7 @@ def run(cfg: RunConfig) -> dict:
     dump_yaml(best_cfg, storage.join(out, "best.yaml"))
     storage.write_text(storage.join(out, "tune_results.json"), json.dumps(report, indent=2))
     print(json.dumps(report["best"], indent=2))
-    print(f"[tune] best config: {storage.join(out, 'best.yaml')}")
+    log.info("best config: %s", storage.join(out, "best.yaml"))
     return report
 
 

@@ -33,6 +33,32 @@ def full_parameters(engine, zero_stage: int) -> contextlib.AbstractContextManage
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
 
+def fp32_state_dict(engine, zero_stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
+    """The module's full weights in fp32 on the rank that keeps them (None elsewhere): the
+    optimizer's fp32 master weights wherever DeepSpeed keeps them (bf16, every ZeRO stage),
+    else the parameters themselves (plain fp32 without a ZeRO optimizer), plus the buffers.
+
+    Under bf16 the module's parameters are bf16 copies rounded from the master weights; an
+    export of those would lose the low mantissa bits training kept. Every rank must call it:
+    assembling a master weight is a collective (all-reduce of ZeRO 1/2 fragments, all-gather
+    of ZeRO-3 partitions), as is ZeRO-3's gather of the parameters themselves."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    out: dict[str, torch.Tensor] = {}
+    with full_parameters(engine, zero_stage):  # ZeRO-3: a whole parameter if no master copy
+        for name, param in module.named_parameters(remove_duplicate=False):
+            master = safe_get_full_fp32_param(param)  # None: no master copy of this one
+            if keep:
+                out[name] = (param if master is None else master).detach().float().cpu().clone()
+        if not keep:
+            return None
+        for name, tensor in module.state_dict().items():
+            if name not in out:  # buffers (item_categories): whole on every rank
+                out[name] = tensor.detach().cpu().clone()
+    return out
+
+
 def worker_env(cfg: TrainConfig, extensions_dir: str) -> None:
     """DeepSpeed's accelerator and compiled-ops cache, and this worker's torch threads."""
     if not cfg.use_gpu:

@@ -1,22 +1,71 @@
-"""Full-ranking evaluation of a model over batches (plain torch, no Ray).
+"""Full-ranking evaluation of a model over batches (plain torch, no Ray), at any catalogue size.
 
     rows = collate(load_examples(prepared, "test", model.cfg.max_len))
+    rows = sample_users(rows, resolve_max_users(cfg.eval, tables.n_items), cfg.eval.seed)
     metrics = evaluate(model, length_batches(rows, 256), tables, "test", popular=True)
 
 Used by the Ray Train loop for per-epoch validation (each rank its shard, merged), by the final
 test evaluation on the serving export and by the re-ranking frontier.
+
+Catalogues up to `item_chunk` items are scored in one (B, n_items + 1) matrix per batch. Larger
+ones are ranked chunk by chunk over the items: per chunk of C items the (B, C) scores add to
+each user's count of items ahead of the target (both protocols) and to a running top-k merge,
+so no (users x items) matrix beyond one chunk exists; the metrics are the same (ranks are
+"1 + other items scoring >= the target", the pessimistic ties of rec.metrics).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from rec.data.batch import Batch
 from rec.data.splits import ItemTables
-from rec.metrics import RankingEvaluator, popularity_scores
+from rec.heads import in_history
+from rec.metrics import RankingEvaluator, exclusion_set, popularity_scores
+
+DEFAULT_ITEM_CHUNK = 65_536  # items per score chunk: 256 users x 64k items = 64 MB of fp32
+
+
+@dataclass
+class EvalConfig:
+    """The `eval:` section: which test users the final evaluation ranks, and how."""
+
+    # Test users ranked: "auto" = every user below `sample_above_items` items, else
+    # `auto_users`; an int = a seeded sample of at most that many; null = every user.
+    max_users: int | str | None = "auto"
+    sample_above_items: int = 100_000  # "auto": sample from this catalogue size up
+    auto_users: int = 10_000  # "auto": users sampled on a large catalogue
+    seed: int = 0  # of the user sample (the same users for every model)
+    item_chunk: int = DEFAULT_ITEM_CHUNK  # items scored at once; larger catalogues are chunked
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_users, str) and self.max_users != "auto":
+            raise ValueError(f"eval.max_users must be 'auto', an int or null: {self.max_users!r}")
+        if isinstance(self.max_users, int) and self.max_users < 1:
+            raise ValueError(f"eval.max_users must be >= 1, got {self.max_users!r}")
+        for name in ("sample_above_items", "auto_users", "item_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+def resolve_max_users(cfg: EvalConfig, n_items: int) -> int | None:
+    """eval.max_users with "auto" resolved by catalogue size; None = every user."""
+    if cfg.max_users != "auto":
+        return cfg.max_users
+    return cfg.auto_users if n_items >= cfg.sample_above_items else None
+
+
+def sample_users(rows: Batch, max_users: int | None, seed: int) -> Batch:
+    """At most `max_users` rows (users) drawn without replacement by `seed`, in row order."""
+    if max_users is None or rows.size <= max_users:
+        return rows
+    idx = np.sort(np.random.default_rng(seed).choice(rows.size, max_users, replace=False))
+    return rows.take(idx)
 
 
 @torch.no_grad()
@@ -27,6 +76,7 @@ def evaluate(
     prefix: str,
     popular: bool = False,
     merge_ranks: bool = False,
+    item_chunk: int = DEFAULT_ITEM_CHUNK,
 ) -> dict[str, float]:
     """Full-ranking metrics of `model.score_next` over eval batches, both protocols.
 
@@ -34,6 +84,7 @@ def evaluate(
         indices are not needed: metrics do not depend on the row order).
     popular: also the most-popular baseline (train counts) under `popular.<prefix>`.
     merge_ranks: every torch.distributed rank evaluated its own shard; merge them all first.
+    item_chunk: catalogues larger than this are ranked chunk by chunk (module docstring).
     """
     device = next(model.parameters()).device  # batches follow the model (CPU or GPU)
     cats = torch.as_tensor(tables.categories)
@@ -41,11 +92,22 @@ def evaluate(
     ev = RankingEvaluator(cats, counts)
     pop = RankingEvaluator(cats, counts) if popular else None
     counts = counts.to(device)
+    chunked = tables.n_items > item_chunk
+    table = model.item_table() if chunked else None  # (N + 1, D), once
+    pop_scores = popularity_scores(counts, 1)[0] if chunked and popular else None  # (N + 1,)
     was_training = model.training
     model.eval()
     for _, batch in batches:
         batch = batch.to(device)
         targets = batch.targets[:, -1]
+        if chunked:
+            h = model.user_embedding(batch, table)  # (B, D)
+            scorer = _model_scorer(model, table, h, batch.items)
+            _update_chunked(ev, scorer, targets, batch.items, item_chunk)
+            if pop is not None and pop_scores is not None:
+                pop_scorer = _popular_scorer(pop_scores, len(targets))
+                _update_chunked(pop, pop_scorer, targets, batch.items, item_chunk)
+            continue
         ev.update(model.score_next(batch).float(), targets, batch.items)  # bf16 models too
         if pop is not None:
             pop.update(popularity_scores(counts, batch.size), targets, batch.items)
@@ -57,6 +119,93 @@ def evaluate(
     if pop is not None:
         out |= {f"popular.{k}": v for k, v in pop.compute(prefix).items()}
     return out
+
+
+# A scorer gives one batch's scores: chunk(lo, hi) -> (B, hi - lo) for items lo..hi-1, and
+# at(idx (B, M)) -> (B, M) for given items; both the same numbers `score_next` would give.
+Scorer = tuple[Callable[[int, int], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _model_scorer(model, table: torch.Tensor, h: torch.Tensor, items: torch.Tensor) -> Scorer:
+    """`Recommender.next_item_scores` restricted to item ranges: h . e_i / tau + r [i seen]."""
+    hs = (h / model.cfg.temperature).float()  # (B, D)
+    table = table.float()
+    r = model.repeat_logit
+    rows = torch.arange(len(h), device=h.device).unsqueeze(1).expand_as(items)  # (B, T)
+
+    def chunk(lo: int, hi: int) -> torch.Tensor:
+        s = hs @ table[lo:hi].T  # (B, C)
+        if r is not None:
+            inside = (items >= lo) & (items < hi)  # (B, T)
+            seen = torch.zeros_like(s, dtype=torch.bool)
+            seen[rows[inside], items[inside] - lo] = True
+            s = s + r.float() * seen
+        return s
+
+    def at(idx: torch.Tensor) -> torch.Tensor:
+        s = (hs.unsqueeze(1) * F.embedding(idx, table)).sum(-1)  # (B, M)
+        return s if r is None else s + r.float() * in_history(items, idx)
+
+    return chunk, at
+
+
+def _popular_scorer(pop: torch.Tensor, n_users: int) -> Scorer:
+    """The most-popular baseline's scores (user-independent), as a scorer."""
+    return (lambda lo, hi: pop[lo:hi].expand(n_users, -1)), (lambda idx: pop[idx])
+
+
+def _update_chunked(
+    ev: RankingEvaluator,
+    scorer: Scorer,
+    targets: torch.Tensor,
+    history: torch.Tensor,
+    item_chunk: int,
+) -> None:
+    """Rank every item 1..N chunk by chunk for one batch and add the result to `ev`."""
+    chunk, at = scorer
+    targets = targets.long()
+    n_users, k = len(targets), min(ev.diversity_k, ev.n_items)
+    target_scores = at(targets[:, None])  # (B, 1)
+    if torch.isnan(target_scores).any():
+        raise ValueError("scores: NaN at a target item; cannot rank it")
+    exclude = exclusion_set(history.long(), targets)  # (B, T) distinct, 0 = none
+    rows = torch.arange(n_users, device=targets.device)
+    ahead = torch.zeros(n_users, dtype=torch.long, device=targets.device)  # other items >= t
+    ahead_excluded = torch.zeros_like(ahead)  # of which history items (the unseen protocol)
+    tops = [_empty_top(n_users, k, target_scores) for _ in range(2)]  # full, unseen
+    for lo in range(1, ev.n_items + 1, item_chunk):
+        hi = min(lo + item_chunk, ev.n_items + 1)
+        s = chunk(lo, hi)  # (B, C)
+        ge = s >= target_scores  # (B, C)
+        mine = (targets >= lo) & (targets < hi)  # the target itself is the "1 +"
+        ge[rows[mine], targets[mine] - lo] = False
+        inside = (exclude >= lo) & (exclude < hi)  # (B, T); exclude 0 is never inside
+        excluded = torch.zeros_like(ge)
+        excluded[rows[:, None].expand_as(exclude)[inside], exclude[inside] - lo] = True
+        ahead += ge.sum(1)
+        ahead_excluded += (ge & excluded).sum(1)
+        tops[0] = _merge_top(tops[0], s, lo, k)
+        tops[1] = _merge_top(tops[1], s.masked_fill(excluded, float("-inf")), lo, k)
+    ranks = 1 + ahead  # (B,)
+    # Fewer than k items left after the exclusions: the surplus slots hold 0 (rec.metrics).
+    unseen_top = tops[1][1].masked_fill(torch.isneginf(tops[1][0]), 0)
+    ev.update_ranked(ranks, tops[0][1], ranks - ahead_excluded, unseen_top)
+
+
+def _empty_top(n_users: int, k: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.full((n_users, 0), float("-inf"), dtype=like.dtype, device=like.device)
+    return values, torch.zeros((n_users, 0), dtype=torch.long, device=like.device)
+
+
+def _merge_top(
+    top: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, lo: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-k: the best k of (values, item indices) so far and this chunk's scores."""
+    part = s.topk(min(k, s.shape[1]), dim=1)  # (B, <=k)
+    values = torch.cat([top[0], part.values], dim=1)
+    items = torch.cat([top[1], part.indices + lo], dim=1)
+    best = values.topk(min(k, values.shape[1]), dim=1)
+    return best.values, items.gather(1, best.indices)
 
 
 def _merged_over_ranks(ev: RankingEvaluator) -> RankingEvaluator:

@@ -1,4 +1,5 @@
-"""Serving export: consolidated fp32 weights (safetensors) plus the config that built them.
+"""Serving export: consolidated fp32 weights (safetensors) plus the config that built them;
+its backbone also as a standard `transformers` model directory.
 
     save_export(recommender, "out/export", extra={"dataset": "beauty"})
     rec = load_export("out/export")  # eval mode, ready for score_next / relevance / ...
@@ -8,6 +9,9 @@ An export directory holds:
     model.safetensors   every persistent tensor of the `Recommender` in fp32, including the
                         `model.item_categories` buffer (the item table depends on it)
     model_config.json   {"format", "model": ModelConfig, "data": DataDims, "extra": {...}}
+    backbone/           the Llama decoder alone (`save_hf_backbone`, added by the training
+                        job's export): config.json + model.safetensors, loadable with no
+                        project code by `transformers.LlamaModel.from_pretrained`
 
 Vocabulary files (raw id <-> index) are written next to them by the caller. Loading never
 unpickles anything: the config is JSON and the weights go through `safetensors`.
@@ -24,12 +28,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rec.config_loader import from_dict
-from rec.model import DataDims, ModelConfig
+from rec.model import DataDims, ModelConfig, llama_config
 from rec.recommender import Recommender
 
 EXPORT_FORMAT = "raydiv-rec/seqrec-v1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
+BACKBONE_DIR = "backbone"
+BACKBONE_PREFIX = "model.backbone."  # the backbone's tensors in the Recommender's state dict
 
 
 def save_export(
@@ -98,3 +104,35 @@ def load_export(
     recommender = Recommender(cfg, dims, tensors[key]).to(device)
     recommender.load_state_dict(tensors, strict=True)
     return recommender.eval()
+
+
+def save_hf_backbone(export_dir: str | Path) -> Path:
+    """Write `<export_dir>/backbone/` from an export's own files: the backbone's Hugging Face
+    config (`config.json`, as rec.model.llama_config builds it) and its fp32 weights
+    (`model.safetensors`), what `transformers.LlamaModel.from_pretrained(dir)` loads with no
+    project code. Returns the directory.
+
+    The project feeds the decoder `inputs_embeds` (item + category + behaviour + position
+    embeddings, `SeqRecModel.forward`), `attention_mask` and 0-based `position_ids`; given the
+    same three, the loaded model returns the same hidden states (before the item heads). It has
+    no token vocabulary (vocab_size=1): its token table is one zero row, written so that
+    loading reports no missing weights.
+    """
+    cfg, _, _ = read_export_config(export_dir)
+    tensors = load_file(str(Path(export_dir) / WEIGHTS_FILE))
+    weights = {
+        name.removeprefix(BACKBONE_PREFIX): t.float()
+        for name, t in tensors.items()
+        if name.startswith(BACKBONE_PREFIX)
+    }
+    if not weights:
+        raise ValueError(f"{str(export_dir)!r}: {WEIGHTS_FILE} holds no {BACKBONE_PREFIX}* tensor")
+    hf = llama_config(cfg)
+    hf.architectures = ["LlamaModel"]
+    weights["embed_tokens.weight"] = torch.zeros(hf.vocab_size, hf.hidden_size)
+    out = Path(export_dir) / BACKBONE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(out)
+    # "format": "pt" is what transformers' loader expects in a safetensors header.
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

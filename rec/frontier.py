@@ -36,6 +36,7 @@ from rec.config_loader import ConfigError
 from rec.data.batch import SCORE_BATCH_SIZE, collate, length_batches
 from rec.data.splits import ItemTables, load_examples, load_item_tables
 from rec.export import load_export
+from rec.logs import progress
 from rec.metrics import (
     category_coverage,
     dedupe_categories,
@@ -253,7 +254,9 @@ def sweep(
     self_info = self_information(torch.as_tensor(tables.train_counts))
     settings = cfg.settings()
     acc = {s: ListMetrics(tables.n_items, cfg.k) for s in settings}
-    for _, batch in length_batches(collate(examples), cfg.batch_size):
+    n_batches = -(-len(examples["items"]) // cfg.batch_size)
+    batches = length_batches(collate(examples), cfg.batch_size)
+    for _, batch in progress(batches, n_batches, "frontier"):
         targets = batch.targets[:, -1]  # (B,)
         scores = model.score_next(batch)  # (B, n_items + 1)
         cands = candidate_pool(scores, targets, batch.items, measured.n_candidates, cfg.protocol)

@@ -272,6 +272,19 @@ class RankingEvaluator:
             self._update_chunk(scores[lo : lo + rows], targets[lo : lo + rows], hist)
         self.n_users += scores.shape[0]
 
+    def update_ranked(
+        self,
+        ranks: torch.Tensor,
+        top: torch.Tensor,
+        ranks_unseen: torch.Tensor,
+        top_unseen: torch.Tensor,
+    ) -> None:
+        """Add a batch ranked elsewhere (rec.evaluation ranks huge catalogues chunk by chunk):
+        (B,) 1-based ranks and (B, K) top lists (0 = empty slot), for both protocols."""
+        self._accumulate("", ranks, top)
+        self._accumulate("_unseen", ranks_unseen, top_unseen)
+        self.n_users += len(ranks)
+
     def _update_chunk(
         self, scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor | None
     ) -> None:

@@ -74,7 +74,10 @@ class ModelConfig:
     dropout: float = 0.1  # on input embeddings and attention probabilities
     use_time_gaps: bool = True  # add the log2 time-gap token embedding to each event
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # HF attention
-    interest_loss: Literal["full", "sampled"] = "full"  # softmax over all items, or sampled
+    # Softmax over all items, sampled, or "auto": sampled from `sampled_above_items` items up,
+    # where a full (positions x items) logit matrix per step stops fitting (resolve_interest_loss).
+    interest_loss: Literal["full", "sampled", "auto"] = "full"
+    sampled_above_items: int = 100_000  # the "auto" threshold (catalogue size, padding excluded)
     n_negatives: int = 1024  # "sampled": negatives shared across the batch (logQ-corrected)
     temperature: float = 1.0  # interest logits are h . e / temperature
     relevance_mode: Literal["auto", "graded", "sampled"] = "auto"  # auto: graded iff engaged data
@@ -99,7 +102,8 @@ class ModelConfig:
                 f"model.hidden_size={arch.hidden_size!r} is not divisible by "
                 f"model.n_heads={arch.n_heads!r}"
             )
-        for name in ("max_len", "n_negatives", "relevance_negatives", "diversity_window"):
+        names = ("max_len", "n_negatives", "relevance_negatives", "diversity_window")
+        for name in (*names, "sampled_above_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -143,6 +147,17 @@ def resolve_relevance_mode(cfg: ModelConfig, dims: DataDims) -> Literal["graded"
     if cfg.relevance_mode != "auto":
         return cfg.relevance_mode
     return "graded" if dims.has_engaged else "sampled"
+
+
+def resolve_interest_loss(cfg: ModelConfig, dims: DataDims) -> Literal["full", "sampled"]:
+    """Interest loss "auto" -> "sampled" (logQ-corrected) iff n_items >= sampled_above_items.
+
+    Full softmax materialises (positions x n_items) logits every step: 3,200 positions x 100k
+    items are 1.3 GB in fp32, before their gradient; sampled softmax costs (positions x K).
+    """
+    if cfg.interest_loss != "auto":
+        return cfg.interest_loss
+    return "sampled" if dims.n_items >= cfg.sampled_above_items else "full"
 
 
 def llama_config(cfg: ModelConfig) -> LlamaConfig:

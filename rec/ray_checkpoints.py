@@ -19,14 +19,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import ray.train
-import torch
 from ray.train import Checkpoint
 
 from rec import artifacts, storage
+from rec.deepspeed_setup import fp32_state_dict
 from rec.export import save_export
+from rec.logs import get_logger
 from rec.resume import fresh_state
 from rec.train_config import TrainConfig
 
+log = get_logger("train")
 CKPT_TAG = "ds"  # DeepSpeed checkpoint tag (a subdirectory; "latest" is its pointer file)
 
 
@@ -46,10 +48,11 @@ def restore(engine, resume_from: str | None) -> dict:
         artifacts.verify(str(d))  # every rank's files complete and unaltered, else one line
         engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
         state |= json.loads((Path(d) / "state.json").read_text())
-    print(
-        f"[train] resumed at epoch {state['epoch']} step {state['step']} "
-        f"(batches done in the epoch: {state['epoch_batches']})",
-        flush=True,
+    log.info(
+        "resumed at epoch %d step %d (batches done in the epoch: %d)",
+        state["epoch"],
+        state["step"],
+        state["epoch_batches"],
     )
     return state
 
@@ -128,7 +131,7 @@ def save_and_report(engine, state: dict, metrics: dict, cfg: TrainConfig, export
     with tempfile.TemporaryDirectory() as tmp:
         engine.save_checkpoint(str(Path(tmp) / "deepspeed"), tag=CKPT_TAG)
         zero_stage = cfg.deepspeed.zero_stage
-        weights = consolidated_state_dict(engine, zero_stage, keep=rank == 0) if export else None
+        weights = fp32_state_dict(engine, zero_stage, keep=rank == 0) if export else None
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps(state))
         if rank == 0 and export:
@@ -145,22 +148,3 @@ def save_and_report(engine, state: dict, metrics: dict, cfg: TrainConfig, export
             **parts,
         )
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
-
-def consolidated_state_dict(engine, zero_stage: int, keep: bool) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights of the module on the rank that keeps them (None elsewhere).
-
-    ZeRO-3 gathers its parameter shards, which every rank must join; below stage 3 each rank
-    already holds the full weights and only the keeping rank copies them.
-    """
-    module = engine.module
-    if zero_stage < 3:
-        return (
-            {k: v.detach().float().cpu() for k, v in module.state_dict().items()} if keep else None
-        )
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        if not keep:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

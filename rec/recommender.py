@@ -42,7 +42,13 @@ from rec.heads import (
     interest_sampled_loss,
     relevance_sampled_loss,
 )
-from rec.model import DataDims, ModelConfig, SeqRecModel, resolve_relevance_mode
+from rec.model import (
+    DataDims,
+    ModelConfig,
+    SeqRecModel,
+    resolve_interest_loss,
+    resolve_relevance_mode,
+)
 
 
 class Recommender(nn.Module):
@@ -62,6 +68,7 @@ class Recommender(nn.Module):
             dataclasses.asdict(cfg.loss_weights), cfg.uncertainty_weighting
         )
         self.relevance_mode = resolve_relevance_mode(cfg, dims)
+        self.interest_loss = resolve_interest_loss(cfg, dims)  # "auto" -> by catalogue size
         # The repeat-consumption logit r (rec.heads docstring); starts neutral.
         # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
         self.repeat_logit = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
@@ -100,7 +107,7 @@ class Recommender(nn.Module):
         if not bool(mask.any()):
             raise ValueError("batch has no targets (targets are all 0)")
         weights = self.cfg.loss_weights
-        full = self.cfg.interest_loss == "full" and weights.interest > 0
+        full = self.interest_loss == "full" and weights.interest > 0
         table = self.model.item_embeddings() if full else None  # (N + 1, D), once per step
         h = self.model(batch, table)[mask]  # (P, D)
         targets = batch.targets[mask]  # (P,)

@@ -6,6 +6,7 @@ The loop's counters (saved as state.json in every checkpoint):
     step           optimizer steps taken (all epochs)
     epoch_batches  micro-batches of epoch `epoch` already trained (0 at an epoch boundary)
     best           best valid NDCG@10 so far; bad_evals: validations since it improved
+    history        every finished epoch's metrics (curves, MLflow, TensorBoard: rec/tracking.py)
 
 A restarted run replays nothing: the order of an epoch's batches is a function of
 (seed, epoch) alone (`epoch_rng`), and each batch's dropout and negative samples of
@@ -33,7 +34,8 @@ T = TypeVar("T")
 
 def fresh_state() -> dict:
     """The counters of a run that has not trained yet."""
-    return {"epoch": 0, "step": 0, "epoch_batches": 0, "best": float("-inf"), "bad_evals": 0}
+    counters = {"epoch": 0, "step": 0, "epoch_batches": 0, "best": float("-inf"), "bad_evals": 0}
+    return counters | {"history": []}  # every finished epoch's metrics (rec/tracking.py)
 
 
 def epoch_rng(seed: int, epoch: int) -> np.random.Generator:

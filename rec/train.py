@@ -34,22 +34,24 @@ from rec.data.splits import ItemTables, load_item_tables
 from rec.deepspeed_setup import deepspeed_engine, full_parameters, worker_env
 from rec.evaluation import evaluate
 from rec.fault_injection import maybe_inject_failure
+from rec.logs import get_logger
 from rec.model import ModelConfig, count_parameters, model_summary
 from rec.ray_checkpoints import restore, save_and_report
 from rec.ray_dataset import (
     BatchCollate,
-    ordered_execution,
     ordered_ingest,
-    rank_splits,
+    rank_parts,
     shard_name,
     training_dataset,
 )
 from rec.recommender import build_recommender
 from rec.resume import after_epoch, batch_seed, checkpoint_due, epoch_rng, resume_batches
+from rec.tracking import Tracker, TrackingTarget, run_params
 from rec.train_config import TrainConfig
 from rec.train_metrics import EpochMeter
 
 SCORE = "valid.ndcg@10"  # early stopping and best-checkpoint metric
+log = get_logger("train")
 
 
 @dataclass
@@ -62,6 +64,7 @@ class TrainSpec:
     steps_per_epoch: int  # optimizer steps in one epoch over the train split (LR schedule)
     storage_dir: str  # Ray Train run storage (checkpoints): a local path or a URI
     extensions_dir: str  # TORCH_EXTENSIONS_DIR for DeepSpeed's compiled ops
+    tracking: TrackingTarget | None = None  # curves, MLflow, TensorBoard (None: none written)
 
 
 def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> ray.train.Result:
@@ -103,8 +106,8 @@ def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> 
 
 def _datasets(spec: TrainSpec) -> tuple[dict, DataConfig | None]:
     """Ray Train's datasets and data config. With `train.materialize_data`: each split in a
-    seeded order of its user ids, materialized once and cut into one part per rank by row
-    position (rec/ray_dataset.py), so every fit -- and every restart of the worker group,
+    seeded order of its user ids, cut into one materialized part per rank by row position
+    (rec/ray_dataset.py: rank_parts), so every fit -- and every restart of the worker group,
     and a later fit with `train.resume_from` -- gives rank r the same rows in the same order
     (tests/test_step_checkpoints.py). Without: streamed, split by Ray Train as it reads."""
     cfg = spec.train
@@ -112,11 +115,9 @@ def _datasets(spec: TrainSpec) -> tuple[dict, DataConfig | None]:
     if not cfg.materialize_data:
         return {n: training_dataset(spec.prepared_dir, n, spec.model.max_len) for n in names}, None
     datasets = {}
-    with ordered_execution():
-        for name in names:
-            ds = training_dataset(spec.prepared_dir, name, spec.model.max_len, cfg.seed)
-            for rank, part in enumerate(rank_splits(ds, cfg.num_workers)):
-                datasets[shard_name(name, rank)] = part
+    for name in names:
+        parts = rank_parts(spec.prepared_dir, name, cfg.num_workers, spec.model.max_len, cfg.seed)
+        datasets.update({shard_name(name, rank): part for rank, part in enumerate(parts)})
     return datasets, ordered_ingest()
 
 
@@ -131,9 +132,10 @@ def train_loop_per_worker(config: dict) -> None:
     tables = load_item_tables(spec.prepared_dir)
     model = build_recommender(spec.model, tables)
     if rank == 0:
-        print(f"[train] {model_summary(model.model, model)} | workers={world}", flush=True)
+        log.info("%s | workers=%d", model_summary(model.model, model), world)
     engine = deepspeed_engine(model, cfg, spec.steps_per_epoch)
     state = restore(engine, cfg.resume_from)  # rec/resume.py: where the run is
+    tracker = _tracker(spec, state) if rank == 0 else None
     train_shard, valid_shard = _shards(cfg)
     bucket = cfg.batch_size * cfg.length_buckets  # rows sorted by length together
 
@@ -170,13 +172,25 @@ def train_loop_per_worker(config: dict) -> None:
             _track_best(state, metrics[SCORE])
             metrics["best." + SCORE] = state["best"]
         state = after_epoch(state, epoch)
+        state["history"] = [*state["history"], metrics]  # saved with the checkpoint
         patience = cfg.early_stop_patience
         stop = done or (patience is not None and state["bad_evals"] > patience)
         save_and_report(engine, state, metrics, cfg)
         if rank == 0:
-            print(f"[train] {json.dumps(_rounded(metrics))}", flush=True)
+            log.info("%s", json.dumps(_rounded(metrics)))
+        if tracker:
+            tracker.log(state["history"])
         if stop:
             break
+    if tracker:
+        tracker.close()
+
+
+def _tracker(spec: TrainSpec, state: dict) -> Tracker | None:
+    """Rank 0's tracking of the run; it continues the restored state's history."""
+    if spec.tracking is None:
+        return None
+    return Tracker(spec.train.tracking, spec.tracking, run_params(spec.model, spec.train), state)
 
 
 def _save_mid_epoch(engine, state: dict, cfg: TrainConfig) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rec.tracking import TrackingConfig
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -91,6 +93,8 @@ class TrainConfig:
     # Failure injection for tests: rank 1 kills its process once at this optimizer step.
     inject_failure_at_step: int | None = None
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # Per-epoch metrics to MLflow and TensorBoard, and training_curves.png (rec/tracking.py).
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "epochs", "batch_size", "grad_accum", "eval_every"):

@@ -12,6 +12,7 @@ from typing import Literal
 
 ActionMode = Literal["discrete", "continuous"]
 OnExhausted = Literal["recycle", "end"]
+UserModel = Literal["types", "session"]
 
 # Discrete actions index this grid: lam in {0, 0.1, ..., 1}.
 N_LAM_LEVELS = 11
@@ -88,6 +89,39 @@ class TypeConfig:
 
 
 @dataclass
+class SessionConfig:
+    """The fitted session user (`rl/session_user.py`, fitted by `rl/session_fit.py`; each
+    field's provenance, fitted or assumed, is written beside the world as world.json).
+
+    Hidden intent I in {focused, browsing}: after a click, the next click stays in the last
+    clicked category with P = stay_<I> (the item utility gets logit(stay_<I>) for sharing it);
+    I switches at a category change with P = switch_<I>. Satiation per category (linear):
+    s_c <- delta * s_c + w_click * clicked_c + w_exp * shown_c, costing sensitivity_u * s_c,
+    sensitivity_u = sensitivity_base + sensitivity_slope * (the user's history entropy).
+    Leaving after a slate: sigmoid(leave_intercept + leave_streak * no-click streak +
+    leave_concentration * (share of the slate's modal category) + leave_utility * best slot's
+    utility)."""
+
+    focused_share: float = 0.5  # P(intent = focused) at the session start
+    stay_focused: float = 0.7
+    stay_browsing: float = 0.1
+    switch_focused: float = 0.3  # P(focused -> browsing) at a category change
+    switch_browsing: float = 0.3  # P(browsing -> focused) at a category change
+    delta: float = 0.8
+    w_click: float = 0.5
+    w_exp: float = 0.02
+    sensitivity_base: float = 0.5
+    sensitivity_slope: float = 1.0
+    preference: float = 2.0  # weight of the standardised ground-truth affinity
+    no_click: float = 1.5  # utility of not clicking
+    continue_prob: float = 0.5  # P(another click in the same slate after a click)
+    leave_intercept: float = -2.0
+    leave_streak: float = 0.5
+    leave_concentration: float = 0.0
+    leave_utility: float = -0.2
+
+
+@dataclass
 class EnvConfig:
     """One `DiversityEnv`: slate sizes, session limits, reward, action space, user model."""
 
@@ -113,6 +147,11 @@ class EnvConfig:
     choice: ChoiceConfig = field(default_factory=ChoiceConfig)
     leaving: LeavingConfig = field(default_factory=LeavingConfig)
     types: TypeConfig = field(default_factory=TypeConfig)
+    # "types": the focused/explorer user of rl/users.py (types, satiation, choice, leaving
+    # above); "session": the log-fitted session user of rl/session_user.py (`session` below,
+    # with `choice` for position examination and purchases).
+    user_model: UserModel = "types"
+    session: SessionConfig = field(default_factory=SessionConfig)
 
     def __post_init__(self) -> None:
         for name in ("k", "n_candidates", "max_steps", "entropy_window"):
@@ -124,6 +163,8 @@ class EnvConfig:
             raise ValueError(f"env.action_mode must be discrete|continuous: {self.action_mode!r}")
         if self.on_exhausted not in ("recycle", "end"):
             raise ValueError(f"env.on_exhausted must be recycle|end, got {self.on_exhausted!r}")
+        if self.user_model not in ("types", "session"):
+            raise ValueError(f"env.user_model must be types|session, got {self.user_model!r}")
         if self.purchase_weight < 0:
             raise ValueError(f"env.purchase_weight must be >= 0, got {self.purchase_weight!r}")
         _check_user_model(self)
@@ -144,6 +185,18 @@ def _check_user_model(cfg: EnvConfig) -> None:
         "satiation.shown_increment": cfg.satiation.shown_increment,
         "satiation.click_increment": cfg.satiation.click_increment,
         "satiation.purchase_increment": cfg.satiation.purchase_increment,
+        **{
+            f"session.{n}": getattr(cfg.session, n)
+            for n in (
+                "focused_share",
+                "stay_focused",
+                "stay_browsing",
+                "switch_focused",
+                "switch_browsing",
+                "delta",
+                "continue_prob",
+            )
+        },
     }
     for name, value in probs.items():
         if not 0.0 <= value <= 1.0:
@@ -157,6 +210,9 @@ def _check_user_model(cfg: EnvConfig) -> None:
         "types.param_noise": cfg.types.param_noise,
         "types.preference_focused": cfg.types.preference_focused,
         "types.preference_explorer": cfg.types.preference_explorer,
+        "session.w_click": cfg.session.w_click,
+        "session.w_exp": cfg.session.w_exp,
+        "session.preference": cfg.session.preference,
     }
     for name, value in nonneg.items():
         if value < 0:

@@ -10,7 +10,8 @@ with `reset(options={"user": u})`). Each step:
    serving uses too (default: DPP, lam = 0 is the ranker's top-k), its similarity the cosine
    of the ranker's item vectors or, with `rerank.similarity=category`, the Jaccard overlap of
    the items' category sets;
-3. the simulated user (`rl/users.py`) responds: clicks, purchases, satiation, leave;
+3. the simulated user (`rl/users.py` or `rl/session_user.py`) responds: clicks, purchases,
+   satiation, leave;
 4. reward = clicks + purchase_weight * purchases.
 
 Terminated when the user leaves; truncated after max_steps slates, or when fewer than k
@@ -38,9 +39,12 @@ Observation: Box(0, 1, (12,), float32), in the order of `OBS_FIELDS`:
   11 last_lam          lam of the last slate (0 before the first)
 Entropies are normalised by their maximum for that many category entries (so in [0, 1]).
 
-info (reset): user, explorer (the user's type: for analysis, never observed). info (step): user,
+info (reset): user, explorer (the user's type: for analysis, never observed), and with the
+session user its starting intent (0 focused, 1 browsing; hidden too). info (step): user,
 clicks, purchases, ild (1 - mean pairwise Jaccard of the slate's category sets), lam,
-leave_prob, slate (k,) item indices in slate order.
+leave_prob, slate (k,) item indices in slate order, clicked (c,) item indices in click order.
+The user model is `EnvConfig.user_model`: "types" (rl/users.py) or "session", the log-fitted
+session user of rl/session_user.py.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ import numpy as np
 
 from rec.rerank import RerankConfig, rerank, similarity_inputs
 from rl.config import N_LAM_LEVELS, EnvConfig
+from rl.session_user import SessionUser
 from rl.simdata import SimulatorData
 from rl.users import SimulatedUser, category_weights, history_exploration
 
@@ -106,7 +111,14 @@ class DiversityEnv(gym.Env):
         self._aff = standardised_affinity(data, self._cands)  # (U, N)
         self._weights = category_weights(data.item_categories)  # (n_items + 1, C)
         self._hist_entropy, _ = history_exploration(data.history_items, data.item_categories)
-        self.user = SimulatedUser(data.n_categories, cfg.k, cfg.satiation, cfg.choice, cfg.leaving)
+        if cfg.user_model == "session":
+            self.user = SessionUser(
+                data.n_categories, cfg.k, cfg.session, cfg.choice, self._hist_entropy
+            )
+        else:
+            self.user = SimulatedUser(
+                data.n_categories, cfg.k, cfg.satiation, cfg.choice, cfg.leaving
+            )
         # The no-click streak at which P(leave) reaches its cap: the unit of obs[8].
         lv = cfg.leaving
         self._streak_cap = (
@@ -135,7 +147,10 @@ class DiversityEnv(gym.Env):
         else:
             u = int(self.pool[self.np_random.integers(len(self.pool))])
         self._start_session(u)
-        return self._observation(), {"user": u, "explorer": bool(self.data.types.explorer[u])}
+        info = {"user": u, "explorer": bool(self.data.types.explorer[u])}
+        if self.cfg.user_model == "session":
+            info["intent"] = int(self.user.intent)  # 0 focused, 1 browsing (hidden)
+        return self._observation(), info
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """Show one re-ranked slate at the action's lam -> (obs, reward, terminated, truncated,
@@ -176,6 +191,8 @@ class DiversityEnv(gym.Env):
             "lam": lam,
             "leave_prob": resp.leave_prob,
             "slate": self._item_ids[slate],
+            # clicked item indices in click order (what a log of this session would hold)
+            "clicked": self._item_ids[slate[clicked if resp.order is None else resp.order]],
         }
         return self._observation(), float(reward), terminated, truncated, info
 
@@ -194,7 +211,10 @@ class DiversityEnv(gym.Env):
         self._sim = kernel["similarity"][0] if "similarity" in kernel else None
         self._cat_w = self._weights[self._item_ids]  # (N, C)
         self._user_aff = self._aff[u]  # (N,)
-        self.user.start(d.types, u)
+        if self.cfg.user_model == "session":
+            self.user.start(d.types, u, self.np_random)  # the intent draw is seeded too
+        else:
+            self.user.start(d.types, u)
         n = self.cfg.n_candidates
         self._free = np.ones(n, dtype=bool)  # not shown yet (or recycled)
         self._n_free = n

@@ -49,6 +49,9 @@ class PolicyConfig:
     eval_fraction: float = 0.2
     # Episodes per arm in the evaluation (fixed seeds, the same for every arm).
     eval_episodes: int = 500
+    # States whose per-request best lam is measured by rollouts for the ladder's context
+    # ceiling (rl/ladder.py, on the held-out users); 0 skips the ladder.
+    ladder_states: int = 400
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +62,8 @@ class PolicyConfig:
             raise ValueError("policy.minibatch_size must be <= policy.train_batch_size")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"policy.eval_fraction must be in (0, 1): {self.eval_fraction!r}")
+        if self.ladder_states < 0:
+            raise ValueError(f"policy.ladder_states must be >= 0, got {self.ladder_states!r}")
         if self.eval_episodes < 2 or self.num_env_runners < 0:
             raise ValueError("policy.eval_episodes must be >= 2 and num_env_runners >= 0")
 

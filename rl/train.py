@@ -21,10 +21,13 @@ from ray.rllib.algorithms.ppo import PPOConfig
 from ray.tune.registry import register_env
 
 from rec import storage
+from rec.logs import get_logger
 from rec.rerank import RerankConfig
 from rl.config import EnvConfig
 from rl.policy import PolicyConfig
 from rl.world import make_env
+
+log = get_logger("rllib")
 
 ENV_NAME = "raydiv-diversity-env"
 
@@ -58,11 +61,10 @@ def fit(
             "env_steps": int(runners.get("num_env_steps_sampled_lifetime", 0)),
         }
         curve.append(row)
-        print(
-            f"iter {it:3d}  return {row['episode_return_mean']:7.3f}  "
-            f"len {row['episode_len_mean']:5.2f}  steps {row['env_steps']}",
-            flush=True,
-        )
+        log.info(
+            "iter %3d  return %7.3f  len %5.2f  steps %d",
+            it, row["episode_return_mean"], row["episode_len_mean"], row["env_steps"],
+        )  # fmt: skip
     shutil.rmtree(module_dir, ignore_errors=True)
     algo.get_module().save_to_path(str(Path(module_dir).resolve()))
     algo.stop()

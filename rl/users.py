@@ -70,6 +70,7 @@ class Response:
     purchases: np.ndarray  # (k,) bool, a subset of clicks
     left: bool  # the user ends the session after this slate
     leave_prob: float  # the probability `left` was drawn with
+    order: np.ndarray | None = None  # (c,) clicked slots in click order (None: slot order)
 
 
 def category_weights(item_categories: np.ndarray) -> np.ndarray:

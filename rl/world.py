@@ -31,7 +31,8 @@ from rec import artifacts, storage
 from rec.data.batch import SCORE_BATCH_SIZE, Batch, collate, length_batches
 from rec.data.splits import load_examples, load_item_tables
 from rec.export import load_export
-from rl.calibrate import Calibration, calibrate, load_prepared
+from rec.logs import progress
+from rl.calibrate import Calibration, SequenceLog, calibrate, load_prepared
 from rl.config import TypeConfig
 from rl.groundtruth import ALSConfig, GroundTruth, fit_als
 from rl.simdata import SimulatorData, recent_items
@@ -65,10 +66,23 @@ class WorldConfig:
     als: ALSConfig = field(default_factory=ALSConfig)
     # Seed of the user sample.
     seed: int = 0
+    # The simulated user: "session" fits rl/session_user.py to the log (rl/session_fit.py,
+    # provenance in world.json); "types" calibrates the focused/explorer user (rl/calibrate.py).
+    user_model: str = "session"
+    # Simulated sessions (lam = 0, held-out users) behind realism.json; 0 skips the report.
+    realism_episodes: int = 2000
+    # Episodes per bisection step when the session model's leave intercept is fitted.
+    fit_episodes: int = 300
 
     def __post_init__(self) -> None:
         if self.n_users is not None and self.n_users < 2:
             raise ValueError(f"world.n_users must be >= 2 or null, got {self.n_users!r}")
+        if self.user_model not in ("session", "types"):
+            raise ValueError(f"world.user_model must be session|types, got {self.user_model!r}")
+        if self.fit_episodes < 1:
+            raise ValueError(f"world.fit_episodes must be >= 1, got {self.fit_episodes!r}")
+        if self.realism_episodes < 0:
+            raise ValueError(f"world.realism_episodes must be >= 0: {self.realism_episodes!r}")
         if self.n_candidates < 1 or self.history_len < 1 or self.batch_size < 1:
             raise ValueError(
                 "world.n_candidates, world.history_len and world.batch_size must be >= 1"
@@ -82,6 +96,7 @@ class World:
     arrays: dict[str, np.ndarray]
     calibration: Calibration
     users: np.ndarray  # (U,) user indices into the prepared data (row order of the arrays)
+    log: SequenceLog | None = None  # the prepared data's full sequences (not saved)
 
 
 def build_world(model_dir: str | Path, cfg: WorldConfig) -> World:
@@ -112,7 +127,7 @@ def build_world(model_dir: str | Path, cfg: WorldConfig) -> World:
         "user_factors": truth.user_factors[users],
         "item_factors": truth.item_factors,
     }
-    return World(arrays, calibrate(log), users)
+    return World(arrays, calibrate(log), users, log)
 
 
 @torch.no_grad()
@@ -124,7 +139,8 @@ def _score(
     cands = np.zeros((rows.size, n), np.int64)
     scores = np.zeros((rows.size, n), np.float32)
     head = np.zeros(rows.size, np.float32)
-    for idx, batch in length_batches(rows, batch_size):
+    n_batches = -(-rows.size // batch_size)
+    for idx, batch in progress(length_batches(rows, batch_size), n_batches, "world: scoring"):
         s = model.score_next(batch)  # (B, n_items + 1), column 0 = -inf
         s.scatter_(1, batch.items, float("-inf"))  # exclude the history (and padding 0)
         top = torch.topk(s, n, dim=1)

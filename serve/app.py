@@ -21,7 +21,9 @@ machine, see bench/README.md), but the stages can no longer scale or batch separ
 # ingress class at runtime, and serve.ingress rewraps them where string annotations no longer
 # resolve (/openapi.json then fails).
 import asyncio
+import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,8 @@ from serve.catalog import UserHistories
 from serve.config import DeploymentSpec, ServeConfig
 from serve.frontend import Frontend, LocalStages, RequestError
 from serve.http import BodyGuard
+from serve.ray_loopback import grpc_on_loopback
+from serve.ray_metrics import AppMetrics
 from serve.schemas import Health, ItemResponse, RecommendRequest, RecommendResponse
 from serve.stages import STAGES, StageContext
 
@@ -67,6 +71,7 @@ class StageDeployment:
         rerank: RerankConfig,
         policy_dir: str | None = None,
     ) -> None:
+        grpc_on_loopback()
         torch.set_num_threads(cfg.torch_threads)
         self.fn = STAGE_BY_NAME[stage].build(StageContext(model_dir, cfg, rerank, policy_dir))
         self.run.set_max_batch_size(cfg.batch_max_size)
@@ -120,19 +125,32 @@ def _front(request: Request) -> Frontend:
 
 
 @api.post("/recommend", response_model=RecommendResponse)
-async def recommend(req: RecommendRequest, request: Request) -> dict:
+async def recommend(req: RecommendRequest) -> dict:
     """Top-k items for a user id and/or a history, re-ranked for diversity at lam."""
-    state = request.app.state
+    return await answer(req)
+
+
+async def answer(req: RecommendRequest) -> dict:
+    """The one call of Frontend.recommend, for the route and for handle callers alike, with
+    its error mapping: a bad request (serve.frontend.RequestError) is HTTPException 422 naming
+    the field, a stage lost after its retries (StageUnavailable) 503 + Retry-After. Reads
+    this module's `api.state` (see attach); records the application metrics when attached."""
+    state = api.state
     try:
-        return await state.front.recommend(req, state.stages)
+        body = await state.front.recommend(req, state.stages)
     except RequestError as err:
         detail = [{"loc": ["body", err.field_name], "msg": err.message, "type": "value_error"}]
         raise HTTPException(status_code=422, detail=detail) from None
     except StageUnavailable as err:
+        if state.metrics is not None:
+            state.metrics.unavailable()
         retry = str(max(1, math.ceil(state.retry_after_s)))
         raise HTTPException(
             status_code=503, detail=str(err), headers={"Retry-After": retry}
         ) from None
+    if state.metrics is not None:
+        state.metrics.record(body)
+    return body
 
 
 @api.get("/healthz", response_model=Health)
@@ -157,15 +175,18 @@ async def item(item_id: int, request: Request) -> dict:
     return {"index": idx, **front.catalog.describe(idx)}
 
 
-def attach(front: Frontend, stages: Any, cfg: ServeConfig) -> None:
+def attach(front: Frontend, stages: Any, cfg: ServeConfig, metrics: Any = None) -> None:
     """What the routes above read from `api.state` (one ingress replica per process).
 
     Called by name, so `api` here is this module's object in the replica: Serve ships the
-    Ingress class by value, and a global read in its own methods would be a pickled copy."""
+    Ingress class by value, and a global read in its own methods would be a pickled copy.
+    metrics: serve.ray_metrics.AppMetrics in a Serve replica; None outside Ray (bench's bare server).
+    """
     app = api
     app.state.front, app.state.stages = front, stages
     app.state.max_body_bytes = cfg.max_body_bytes  # read by BodyGuard
     app.state.retry_after_s = cfg.retry_after_s
+    app.state.metrics = metrics
 
 
 def _ingress_app() -> FastAPI:
@@ -189,23 +210,19 @@ class Ingress:
     ) -> None:
         """Handles of the stage deployments by stage name; empty with serve.fused (the stages
         then run here, built from the same StageContext)."""
+        grpc_on_loopback()
         torch.set_num_threads(cfg.torch_threads)
         ctx = StageContext(model_dir, cfg, rerank, policy_dir)
         stages = LocalStages(ctx) if cfg.fused else HandleStages(handles, cfg.stage_retries)
-        attach(build_frontend(ctx, model_dir, stages), stages, cfg)
+        attach(build_frontend(ctx, model_dir, stages), stages, cfg, AppMetrics())
 
     async def recommend(self, req: RecommendRequest) -> dict:
-        """POST /recommend's answer for a deployment handle (model composition, no HTTP)."""
-        return await recommend_for_handle(req)
+        """POST /recommend's answer for a deployment handle (model composition, no HTTP);
+        errors as HTTPException with the route's status codes (see answer)."""
+        return await answer(req)
 
     def check_health(self) -> None:
         recheck()  # an artefact copy truncated/deleted since __init__: unhealthy, restarted
-
-
-async def recommend_for_handle(req: RecommendRequest) -> dict:
-    """Ingress.recommend's body; a bad request raises serve.frontend.RequestError. Called by
-    name, so `api` is this module's object in the replica (see attach)."""
-    return await api.state.front.recommend(req, api.state.stages)
 
 
 def build_frontend(ctx: StageContext, model_dir: str, stages: Any) -> Frontend:
@@ -303,18 +320,56 @@ def build_app(
 
 
 APP_ARGS = ("model_dir", "policy_dir", "serve", "rerank")
+# ServeConfig fields a Serve config file sets itself (http_options.host/port, proxy_location,
+# the application's name and route_prefix): given as app args they would be silently ignored.
+CONFIG_FILE_FIELDS = ("host", "port", "app_name", "route_prefix", "proxy_location")
+# The args of the module-level `app` (below): JSON in this variable, else DEFAULT_APP_ARGS.
+APP_ARGS_ENV = "RAYDIV_APP_ARGS"
+DEFAULT_APP_ARGS = {"model_dir": "outputs/beauty"}
 
 
 def app_builder(args: dict[str, Any]):
     """For `serve run serve/config.yaml`: args {"model_dir", "policy_dir", "serve", "rerank"}.
 
     "serve" holds ServeConfig fields and "rerank" rec.rerank.RerankConfig fields (the run
-    config's sections of the same names; unknown keys are refused); the per-deployment
-    sections of the Serve config file override replicas and resources on top of them.
+    config's sections of the same names; unknown keys are refused, and so are the fields the
+    config file itself sets: CONFIG_FILE_FIELDS); the per-deployment sections of the Serve
+    config file override replicas and resources on top of them.
     """
     unknown = sorted(set(args) - set(APP_ARGS))
     if unknown:
         raise ValueError(f"unknown app arg {unknown[0]!r}; allowed: {', '.join(APP_ARGS)}")
-    cfg = from_dict(ServeConfig, dict(args.get("serve") or {}), "serve")
+    serve_args = dict(args.get("serve") or {})
+    ignored = [name for name in CONFIG_FILE_FIELDS if name in serve_args]
+    if ignored:
+        raise ValueError(
+            f"app arg serve.{ignored[0]} would be ignored: a Serve config file sets the HTTP "
+            "host and port (http_options), proxy_location, and the application's name and "
+            "route_prefix itself; set them there"
+        )
+    cfg = from_dict(ServeConfig, serve_args, "serve")
     rerank = from_dict(RerankConfig, dict(args.get("rerank") or {}), "rerank")
     return build_app(cfg, rerank, args.get("model_dir"), args.get("policy_dir"))
+
+
+def __getattr__(name: str):
+    """`serve.app:app`, the Application `serve build` needs (it refuses a builder), built on
+    first access from the JSON app args in $RAYDIV_APP_ARGS (the keys of app_builder; default
+    DEFAULT_APP_ARGS), so that importing this module builds nothing:
+
+        RAYDIV_APP_ARGS='{"model_dir": "outputs/beauty", "serve": {"fused": true}}' \\
+            serve build serve.app:app -o serve/built.yaml
+
+    The file deploys with `serve deploy` when the cluster's processes see the same variable:
+    put it under the application's `runtime_env: {env_vars: {RAYDIV_APP_ARGS: ...}}`.
+    """
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raw = os.environ.get(APP_ARGS_ENV)
+    try:
+        args = json.loads(raw) if raw else dict(DEFAULT_APP_ARGS)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"${APP_ARGS_ENV} is not JSON: {err}") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"${APP_ARGS_ENV} must be a JSON object (app_builder's args)")
+    return app_builder(args)

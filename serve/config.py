@@ -76,6 +76,10 @@ class ServeConfig:
     batch_max_size: int = 16  # most requests one model call takes
     batch_wait_s: float = 0.002  # longest wait for a batch to fill
     torch_threads: int = 1  # intra-op threads per replica (replicas share 2 cores)
+    # Retrieval over the catalogue: "exact" (one matmul over every item), "ann" (the export's
+    # faiss index, rec/ann.py, candidates rescored exactly), "auto" (ann from ann_min_items up).
+    retrieval: Literal["exact", "ann", "auto"] = "auto"
+    ann_min_items: int = 200_000  # "auto": catalogue size from which the ANN index serves
     # Run retrieval, ranking and the policy inside the ingress replica instead of their own
     # deployments: no handle hops (lowest latency on a small machine), no separate scaling.
     fused: bool = False

@@ -85,10 +85,11 @@ class QueryTower:
     """Retrieval: the transformer encodes the history into h, then top-N of the model's
     next-item logits over all items (`Recommender.next_item_scores`)."""
 
-    def __init__(self, model: Recommender, behavior: int) -> None:
+    def __init__(self, model: Recommender, behavior: int, index=None) -> None:
         self.model = model.eval()
         self.behavior = behavior
         self.table = model.item_table().contiguous()  # (N_items + 1, D), once, not per request
+        self.index = index  # a rec.ann index: approximate candidates, rescored exactly
 
     @torch.no_grad()
     def retrieve(
@@ -102,23 +103,53 @@ class QueryTower:
         t0 = time.perf_counter()
         batch = history_batch(histories, self.behavior, self.model.cfg.max_len)
         h = self.model.user_embedding(batch, self.table)  # (B, D)
-        scores = self.model.next_item_scores(h, batch.items, self.table)  # (B, N_items + 1)
-        for row, items in enumerate(exclude):
-            if items is not None and len(items):
-                # torch.tensor copies: arrays that came through Ray are read-only.
-                scores[row, torch.tensor(items, dtype=torch.long)] = float("-inf")
-        top = torch.topk(scores, min(n, scores.shape[1] - 1), dim=1)  # (B, n)
+        if self.index is not None:
+            top = self._approximate(h, batch.items, exclude, n)
+        else:
+            scores = self.model.next_item_scores(h, batch.items, self.table)  # (B, N_items + 1)
+            for row, items in enumerate(exclude):
+                if items is not None and len(items):
+                    # torch.tensor copies: arrays that came through Ray are read-only.
+                    scores[row, torch.tensor(items, dtype=torch.long)] = float("-inf")
+            k = min(n, scores.shape[1] - 1)
+            top = [(v, i) for v, i in zip(*torch.topk(scores, k, dim=1), strict=True)]  # (n,)
         out, ms = [], (time.perf_counter() - t0) * 1000.0
-        for row in range(len(histories)):
-            ok = torch.isfinite(top.values[row])  # (n,) excluded / padding columns are -inf
+        for row, (values, indices) in enumerate(top):
+            ok = torch.isfinite(values)  # (n,) excluded / padding columns are -inf
             out.append(
                 Retrieved(
-                    candidates=top.indices[row][ok].numpy(),
-                    interest=top.values[row][ok].numpy(),
+                    candidates=indices[ok].numpy(),
+                    interest=values[ok].numpy(),
                     h=h[row].numpy(),
                     compute_ms=ms,
                 )
             )
+        return out
+
+    def _approximate(
+        self, h: torch.Tensor, items: torch.Tensor, exclude: list[np.ndarray | None], n: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row (values (n',), item indices (n',)): the index's top n + |excluded| items
+        plus the input items (the repeat logit may lift them), rescored exactly with
+        `next_item_scores` on that candidate set, exclusions removed."""
+        from rec.ann import search
+
+        extra = max((len(e) for e in exclude if e is not None), default=0)
+        ids, _ = search(self.index, h.numpy(), min(n + extra, self.table.shape[0] - 1))
+        out = []
+        for row, excluded in enumerate(exclude):
+            cands = np.union1d(ids[row][ids[row] > 0], items[row][items[row] > 0].numpy())
+            if excluded is not None and len(excluded):
+                cands = np.setdiff1d(cands, excluded)
+            cands = torch.as_tensor(cands, dtype=torch.long)  # (M,)
+            h_row = h[row : row + 1]  # (1, D)
+            # Candidate rows as a small table: row 0 stays padding, items map to 1..M.
+            sub = torch.cat([self.table[:1], self.table[cands]])  # (M + 1, D)
+            local = torch.searchsorted(cands, items[row : row + 1])  # (1, T) positions
+            seen = (local < len(cands)) & (cands[local.clamp(max=len(cands) - 1)] == items[row])
+            scores = self.model.next_item_scores(h_row, (local + 1) * seen, sub)[0, 1:]  # (M,)
+            top = torch.topk(scores, min(n, len(cands)))
+            out.append((top.values, cands[top.indices]))
         return out
 
 

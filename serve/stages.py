@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from rec import storage
+from rec.ann import index_for_serving
 from rec.export import load_export
 from rec.recommender import Recommender
 from rec.rerank import RerankConfig
@@ -89,7 +90,10 @@ class Stage:
 
 
 def _retriever(ctx: StageContext) -> BatchFn:
-    tower, n = QueryTower(ctx.model, ctx.catalog.behavior), ctx.rerank.n_candidates
+    # serve.retrieval: the export's ANN index (rec/ann.py) on a large catalogue, else exact.
+    index = index_for_serving(ctx.export_dir, ctx.cfg.retrieval, ctx.cfg.ann_min_items, ctx.model)
+    tower = QueryTower(ctx.model, ctx.catalog.behavior, index)
+    n = ctx.rerank.n_candidates
     return lambda histories, excludes: tower.retrieve(histories, excludes, n)
 
 

@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from tests.ports import free_port
+
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -47,13 +48,6 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 class JobFailed(AssertionError):
     """A submitted job ended in a state other than the one expected (message holds its logs)."""
-
-
-def free_port() -> int:
-    """A TCP port free on this machine right now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def cluster_env(token_path: Path, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -276,7 +276,7 @@ def test_autoscaler_adds_cluster_yaml_node_types_for_a_job_and_removes_them_when
     """A training-shaped task (all GPUs of the multi-GPU type) and a serving-shaped one (1 GPU)
     make the autoscaler launch one node of each of cluster.yaml's GPU types, from zero (which
     node the 1-GPU task then lands on is the scheduler's choice)."""
-    from tests.cluster_helpers import free_port
+    from tests.ports import free_port
 
     gpus = worker_gpus()
     train_type = max(gpus, key=gpus.get)

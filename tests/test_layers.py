@@ -27,6 +27,7 @@ RAY_MODULES = (
     "rec/ray_*.py",
     "rl/train.py",
     "serve/app.py",
+    "serve/ray_*.py",
     "jobs/*.py",
 )
 # RLlib's RLModule is the policy's checkpoint format: loaded inside LamPolicy's methods only,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,7 @@ N_ITEMS, N_CATS, N_CAT_SLOTS = 40, 6, 3
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _few_threads() -> Iterator[None]:
-    # The test machine is small and shared; one thread keeps timings predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_categories(n_items: int = N_ITEMS, seed: int = 0) -> torch.Tensor:

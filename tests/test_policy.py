@@ -19,6 +19,7 @@ from rl.features import request_observation
 from rl.simdata import SimulatorData
 from rl.users import UserTypes, history_exploration
 from rl.world import ARRAYS, World, WorldConfig, build_world, load_world, make_env, save_world
+from rl.world_fit import fit_user_model, realism_report
 from tests.serve_support import make_model_dir
 
 
@@ -124,6 +125,23 @@ def test_build_world_from_trained_model(model_dir, tmp_path):
     cfg = EnvConfig(n_candidates=30, k=5)
     env = make_env({"world": str(path), "env": asdict(cfg), "users": list(range(40)), "seed": 0})
     check_env(env, skip_render_check=True)
+
+
+def test_session_model_fitted_on_training_users_and_realism(model_dir, tmp_path):
+    """jobs.train_policy's world step without Ray: the session user fitted on the world's
+    training users (every parameter with its provenance), then the realism report."""
+    cfg = WorldConfig(n_users=60, n_candidates=30, history_len=10, fit_episodes=30)
+    world = build_world(model_dir, cfg)
+    data = load_world(save_world(world, tmp_path / "w.npz"), EnvConfig().types)
+    train, held = split_users(data.n_users, 0.3, 0)
+    env, model = fit_user_model(world, data, EnvConfig(n_candidates=30, k=5), cfg, train)
+    assert env.user_model == "session" and model["fit_users"]["count"] == len(train)
+    assert model["provenance"]["stay_focused"]["source"] == "fitted"
+    assert model["provenance"]["leave_intercept"]["value"] == env.session.leave_intercept
+    assert -8 < env.session.leave_intercept < 3
+    json.dumps(model)  # world.json
+    report = realism_report(world, data, env, held, episodes=40, seed=0)
+    assert report["sessions"]["real"] > 0 and 0.0 <= report["classifier_auc"] <= 1.0
 
 
 def test_build_world_names_missing_model(tmp_path):

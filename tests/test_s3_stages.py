@@ -47,6 +47,7 @@ FAST = [  # the smoke run, smaller still where it does not change what is tested
 def s3_ray(s3_server, ray_local, tmp_path_factory):
     """The AWS variables pointed at the S3 server, a bucket, and a local Ray whose workers get
     the same variables (a Ray started earlier in the session did not have them)."""
+    from jobs.common import RayConfig, start_local_ray
     from tests.s3_server import create_bucket, point_aws_at
 
     tmp = tmp_path_factory.mktemp("aws")
@@ -55,10 +56,9 @@ def s3_ray(s3_server, ray_local, tmp_path_factory):
         create_bucket(s3_server.endpoint, "stages")
         env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
         ray_local.shutdown()
-        ray_local.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
+        # On loopback like the session's Ray (and a job's): the later tests reuse this one.
+        start_local_ray(
+            RayConfig(num_cpus=2),
             log_to_driver=False,
             configure_logging=False,
             runtime_env={"env_vars": env},

@@ -222,8 +222,6 @@ def test_body_limit_413_declared_and_streamed() -> None:
 
 
 def test_app_builder_and_serve_config_file(model_dir) -> None:
-    from ray.serve.schema import ServeDeploySchema
-
     with pytest.raises(ValueError, match="model_dir"):
         build_app(ServeConfig(), RerankConfig(), None)
     with pytest.raises(ValueError, match="'modeldir'"):
@@ -247,12 +245,27 @@ def test_app_builder_and_serve_config_file(model_dir) -> None:
         dep = handle._bound_deployment
         assert dep.init_args[:2] == (name, str(model_dir)) and dep.init_args[3].method == "mmr"
         assert dep.ray_actor_options["num_cpus"] > 0
-    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    for field, value in (("port", 8001), ("host", "0.0.0.0"), ("route_prefix", "/x")):
+        with pytest.raises(ValueError, match=f"serve.{field} would be ignored"):
+            app_builder({"model_dir": str(model_dir), "serve": {field: value}})
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config_fused.yaml"])
+def test_serve_config_files_name_the_deployments_the_app_builds(model_dir, name) -> None:
+    """Ray refuses a config file naming a deployment the app does not create (what
+    `serve: {fused: true}` did to the one file there was): each file matches its own mode."""
+    from ray.serve._private.build_app import build_app as ray_build_app
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "serve" / name).read_text())
     schema = ServeDeploySchema.model_validate(raw)
     (app_cfg,) = schema.applications
     assert app_cfg.import_path == "serve.app:app_builder"
-    names = {d.name for d in app_cfg.deployments}
-    assert names == {"Ingress", "Retriever", "Ranker"}
+    assert raw["http_options"]["host"] == "127.0.0.1"  # loopback unless exposed on purpose
+    built = ray_build_app(app_builder({**app_cfg.args, "model_dir": str(model_dir)}), name="x")
+    assert {d.name for d in app_cfg.deployments} == {d.name for d in built.deployments}
+    fused = bool(app_cfg.args.get("serve", {}).get("fused"))
+    assert fused == (len(built.deployments) == 1)
     (ingress_cfg,) = [d for d in app_cfg.deployments if d.name == "Ingress"]
     assert ingress_cfg.max_queued_requests >= 1  # overload is shed (503), not queued
     assert ingress_cfg.backpressure_config.retry_after_s >= 1

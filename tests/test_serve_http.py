@@ -9,8 +9,10 @@ The in-process input tests (no Ray) are tests/test_serve_input.py.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,8 +29,9 @@ from jobs.config import RunConfig
 from rec.config_loader import load_config
 from rec.metrics import ild_jaccard
 from serve.catalog import Catalog, UserHistories
-from tests.cluster_helpers import free_port
+from tests.ports import free_port
 from tests.serve_support import make_model_dir, make_policy_dir
+from tests.test_loopback import is_loopback, listeners
 
 pytestmark = pytest.mark.ray
 
@@ -38,15 +41,17 @@ STAGES = ("Retriever", "Ranker", "Policy")
 # concurrent requests get 503 + Retry-After at once (test_overload_*).
 INGRESS_ONGOING, INGRESS_QUEUED = 2, 2
 URL = ""  # set by the fixture (the port is chosen then)
+MODEL_DIR = ""  # the fixture's model directory
 
 
 @pytest.fixture(scope="module")
 def server(ray_local, tmp_path_factory):
     from ray import serve
 
-    global URL
+    global URL, MODEL_DIR
     port = free_port()
     model_dir = make_model_dir(tmp_path_factory.mktemp("serve_http"))
+    MODEL_DIR = str(model_dir)
     policy_dir = make_policy_dir(tmp_path_factory.mktemp("serve_http_policy"))
     cfg = load_config(
         RunConfig,
@@ -96,6 +101,11 @@ def test_health_docs_items(server) -> None:
     assert item["index"] == 5 and item["id"] == raw
     assert httpx.get(f"{URL}/items/-42", timeout=10).status_code == 404
     assert httpx.get(f"{URL}/items/abc", timeout=10).status_code == 422
+    # Every replica listens on loopback only: Ray's own bind of their gRPC server is [::]
+    # (serve/ray_loopback.py).
+    replicas = [row for row in listeners() if row["proc"].startswith("ray::ServeRep")]
+    assert len(replicas) >= 8, replicas  # 8 replicas (4 deployments x 2), each listening
+    assert all(is_loopback(row["ip"]) for row in replicas), replicas
 
 
 def test_k_distinct_items_not_in_history(server) -> None:
@@ -254,9 +264,12 @@ class Load:
 def test_overload_is_shed_with_503_and_retry_after(server) -> None:
     """Concurrency 64 against 4 running + 2 queued: the rest is 503 + Retry-After, nothing else.
 
-    Admitted latency is printed, not asserted: on this 2-core machine the 64 clients, the proxy
-    answering hundreds of 503/s and the replicas share the cores, and admitted p99 was ~20x the
-    unloaded p99 (bench/README.md "Serving under faults and hostile input")."""
+    Admitted latency is printed, not asserted: issue 15's target (admitted p99 within 2x the
+    unloaded p99) is not met on 2 shared cores. Measured (bench/README.md "Serving under
+    overload"): admitted requests spend ~0.1 s in the ingress and seconds around it (Serve's
+    router queue and the CPU the 64 clients, the proxy and 8 replicas share); an app-level
+    limit tried instead (the ingress refusing beyond N running) was no faster, and as the
+    router does not know that limit, it refused requests under capacity (uneven routing)."""
     catalog, _ = server
     with Load(catalog, workers=1) as alone:
         alone.wait_for(60)
@@ -348,3 +361,67 @@ def test_every_replica_of_a_stage_killed_is_503_never_500(server) -> None:
     print(f"[all Ranker replicas killed] {load.codes()}, replaced in {recovery:.1f} s")
     assert set(load.codes()) <= {200, 503}, load.codes()
     assert all(retry == "1" for c, _, retry in load.results if c == 503)
+
+
+def prometheus_samples(ray, name: str, app: str) -> dict[str, float]:
+    """{tags: value} of one metric of one application, from every node's metrics endpoint."""
+    found: dict[str, float] = {}
+    for node in ray.nodes():
+        text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + "{") and f'application="{app}"' in line:
+                tags, value = line[len(name) + 1 :].rsplit("} ", 1)
+                found[tags] = found.get(tags, 0.0) + float(value)
+    return found
+
+
+def test_serve_build_file_deploys_fused_with_app_metrics(server, ray_local, tmp_path) -> None:
+    """`serve build serve.app:app` (fused, from $RAYDIV_APP_ARGS) writes a config file that
+    deploys as `serve deploy` deploys it (the controller's declarative deploy_apps, which the
+    dashboard's REST API calls), beside the fixture's app; its metrics reach Prometheus."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    catalog, _ = server
+    args = {"model_dir": MODEL_DIR, "serve": {"fused": True, "max_k": 20}}
+    args["rerank"] = {"n_candidates": 50}
+    env = {**os.environ, "RAYDIV_APP_ARGS": json.dumps(args)}
+    out = tmp_path / "built.yaml"
+    serve_cli = Path(sys.executable).with_name("serve")
+    build = [serve_cli, "build", "serve.app:app", "-o", out]
+    subprocess.run(build, env=env, cwd=Path(__file__).parents[1], check=True, timeout=120)
+    raw = yaml.safe_load(out.read_text())
+    (app_cfg,) = raw["applications"]
+    assert app_cfg["import_path"] == "serve.app:app"
+    assert [d["name"] for d in app_cfg["deployments"]] == ["Ingress"]  # fused: one deployment
+    app_cfg.update(name="built", route_prefix="/built")
+    app_cfg["runtime_env"] = {"env_vars": {"RAYDIV_APP_ARGS": env["RAYDIV_APP_ARGS"]}}
+    app_cfg["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.125
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=True)
+    try:
+        known = catalog.item_ids[1:6].tolist()
+        for body in ({"history": known, "k": 5}, {"history": [], "k": 5}):
+            resp = httpx.post(f"{URL}/built/recommend", json=body, timeout=30)
+            assert resp.status_code == 200, resp.text
+        assert resp.json()["lam_source"] == "cold_start"
+        deadline = time.monotonic() + 30  # Ray exports metrics every few seconds
+        while True:
+            counts = prometheus_samples(ray_local, "ray_recommender_requests_total", "built")
+            latency = prometheus_samples(
+                ray_local, "ray_recommender_stage_latency_ms_count", "built"
+            )
+            sources = {re.search(r'lam_source="(\w+)"', t)[1]: v for t, v in counts.items()}
+            stages = {re.search(r'stage="(\w+)"', t)[1] for t in latency}
+            if sources == {"default": 1.0, "cold_start": 1.0} and {"retrieve", "total"} <= stages:
+                break
+            assert time.monotonic() < deadline, (sources, stages)
+            time.sleep(0.5)
+    finally:
+        serve.delete("built")

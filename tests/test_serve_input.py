@@ -171,3 +171,36 @@ def test_schemathesis_in_process_finds_no_5xx(client, mode) -> None:
         except Unsatisfiable:
             assert mode == "negative", op.label  # nothing about GET /healthz can be invalid
     assert len(calls) >= 60 and max(calls) < 500
+
+
+class LostStages:
+    """Stages whose every call failed after its retries, as HandleStages reports lost replicas."""
+
+    names = frozenset({"retriever", "ranker"})
+
+    async def run(self, name: str, *args) -> None:
+        raise app_module.StageUnavailable(f"stage {name!r} unavailable after 4 tries")
+
+
+def test_handle_callers_get_the_routes_status_codes(client) -> None:
+    """Ingress.recommend (deployment handles) and POST /recommend share one error mapping."""
+    from fastapi import HTTPException
+
+    from serve.schemas import RecommendRequest
+
+    state = app_module.api.state
+    known = state.front.catalog.item_ids[1:4].tolist()
+    with pytest.raises(HTTPException) as bad:
+        run_sync(app_module.answer(RecommendRequest(history=known, k=21)))  # serve.max_k = 20
+    assert bad.value.status_code == 422 and bad.value.detail[0]["loc"] == ["body", "k"]
+    assert client.post("/recommend", json={"history": known, "k": 21}).status_code == 422
+    state.stages, real = LostStages(), state.stages
+    try:
+        with pytest.raises(HTTPException) as lost:
+            run_sync(app_module.answer(RecommendRequest(history=known, k=3)))
+        over_http = client.post("/recommend", json={"history": known, "k": 3})
+    finally:
+        state.stages = real
+    assert lost.value.status_code == 503 and lost.value.headers == {"Retry-After": "1"}
+    assert over_http.status_code == 503 and over_http.headers["retry-after"] == "1"
+    assert "retriever" in over_http.json()["detail"]

@@ -19,8 +19,9 @@ import pytest
 import yaml
 
 from rec import artifacts, storage
-from tests.cluster_helpers import free_port, local_head, local_worker
+from tests.cluster_helpers import local_head, local_worker
 from tests.conftest import ROOT
+from tests.ports import free_port
 from tests.s3_server import checkpoint_states, create_bucket, point_aws_at
 
 pytestmark = pytest.mark.ray

@@ -19,6 +19,7 @@ depend on the chunks after it.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ class SyntheticConfig:
     p_buy_after_cart: float = 0.25  # P(buy | cart)
     p_buy_direct: float = 0.009  # P(buy without cart | pv) in a preferred category
     users_per_chunk: int = 20_000  # users per chunk: bounds memory, one output file each
+    # Multiplies n_users and n_items together (n_categories is capped at the scaled n_items):
+    # one knob from a Taobao-shaped config down to a quick run (jobs/configs/taobao_scale.yaml).
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         for ok, rule, names in _CHECKS:
@@ -94,10 +98,17 @@ class SyntheticConfig:
         except ValueError:
             raise ValueError(f"start must be an ISO date, got {self.start!r}") from None
 
+    def scaled(self) -> SyntheticConfig:
+        """The config the generator runs: `scale` applied to the sizes, then reset to 1."""
+        users, items = (max(1, round(n * self.scale)) for n in (self.n_users, self.n_items))
+        cats = min(self.n_categories, items)
+        return dataclasses.replace(self, n_users=users, n_items=items, n_categories=cats, scale=1)
+
 
 _CHECKS = (  # (test, rule in words, fields) for SyntheticConfig.__post_init__
     (lambda v: v >= 1, ">= 1", "n_users n_items n_categories days max_preferred users_per_chunk"),
     (lambda v: v > 0, "> 0", "events_per_user session_mean_events explore_alpha explore_beta"),
+    (lambda v: v > 0, "> 0", "scale"),
     (lambda v: v > 0, "> 0", "in_session_gap_s action_delay_s buy_delay_s"),
     (lambda v: v >= 0, ">= 0", "events_sigma item_zipf category_zipf category_size_sigma"),
     (lambda v: v >= 0, ">= 0", "explore_engagement seed"),
@@ -329,6 +340,7 @@ def _n_chunks(cfg: SyntheticConfig) -> int:
 
 def iter_chunks(cfg: SyntheticConfig) -> Iterator[pa.Table]:
     """The log chunk by chunk (`users_per_chunk` users each), as tables in `TAOBAO_SCHEMA`."""
+    cfg = cfg.scaled()
     cat = _build_catalog(cfg)
     for chunk in range(_n_chunks(cfg)):
         users = _sample_users(cfg, cat, chunk)
@@ -342,6 +354,7 @@ def user_traits(cfg: SyntheticConfig) -> pa.Table:
     Columns: user_id int64, n_views int64 (pv rows), exploration_rate float64,
     n_preferred int64, drifted bool. Cheap: no events are generated.
     """
+    cfg = cfg.scaled()
     cat = _build_catalog(cfg)
     parts = [_sample_users(cfg, cat, c) for c in range(_n_chunks(cfg))]
     return pa.table(
@@ -370,6 +383,7 @@ def generate(
     """
     if fmt not in ("parquet", "csv"):
         raise ValueError(f"fmt must be 'parquet' or 'csv', got {fmt!r}")
+    cfg = cfg.scaled()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stale = [p for p in sorted(out.glob("*.*")) if p.suffix in (".parquet", ".csv")]

@@ -1,0 +1,132 @@
+"""Overload: concurrency 64 against the admission limits; admitted latency vs unloaded.
+
+    flock /tmp/ray.lock python bench/serve_overload.py --model-dir outputs/serve_beauty
+
+Per configuration (a jobs.serve process each, see bench/serve_throughput.py): C = 1 for
+--duration s (the unloaded p99), then C = 64 for --duration s, where a client answered 503
+waits `backoff` (Retry-After: a polite client; or 0.25 s: four times the pressure) before its
+next request. Reports the answers by status, the admitted (200) p50/p99 seen by the client, the
+p99 of the ingress's own `timings_ms.total` for those (time inside the ingress replica: the
+rest is the HTTP proxy, the client and waiting for a CPU), and the 503s' p50.
+Writes bench/results/serve_overload.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.serve_load import user_ids  # noqa: E402
+from bench.serve_throughput import CONFIGS, free_port, start, stop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# name -> (serve_throughput configuration, jobs.serve overrides, client back-off after a 503:
+# seconds or "retry-after").
+def limits(ongoing: int, queued: int) -> list[str]:
+    """Serve's limits of the ingress: running per replica, held in the router."""
+    return [
+        f"serve.ingress.max_ongoing_requests={ongoing}",
+        f"serve.ingress.max_queued_requests={queued}",
+    ]
+
+
+RUNS = {
+    "composed 4+4, backoff 0.25 s": ("composed", limits(4, 4), 0.25),
+    "composed 4+4, Retry-After": ("composed", limits(4, 4), "retry-after"),
+    "fused 2+2, Retry-After": ("fused", limits(2, 2), "retry-after"),
+    "fused 1+1, Retry-After": ("fused", limits(1, 1), "retry-after"),
+    "fused+tput 2+2, Retry-After": ("fused+tput", limits(2, 2), "retry-after"),
+    "fused+haproxy 2+2, Retry-After": ("fused+haproxy", limits(2, 2), "retry-after"),
+}
+
+
+async def clients(base, users, n, seconds, backoff) -> list[tuple[int, float, float | None]]:
+    """n closed-loop clients for `seconds`: (status, client seconds, ingress total ms)."""
+    out: list[tuple[int, float, float | None]] = []
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def one(seed: int) -> None:
+            rng, end = np.random.default_rng(seed), time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                body = {"user_id": int(rng.choice(users)), "k": 10}
+                t = time.perf_counter()
+                try:
+                    resp = await client.post(f"{base}/recommend", json=body)
+                    code = resp.status_code
+                except httpx.HTTPError:
+                    code, resp = -1, None
+                total = resp.json()["timings_ms"]["total"] if code == 200 else None
+                out.append((code, time.perf_counter() - t, total))
+                if code == 503:
+                    wait = resp.headers.get("retry-after") if backoff == "retry-after" else None
+                    await asyncio.sleep(float(wait) if wait else float(backoff))
+
+        await asyncio.gather(*(one(s) for s in range(n)))
+    return out
+
+
+def summary(results) -> dict:
+    ok = [(t, total) for c, t, total in results if c == 200]
+    shed = [t for c, t, _ in results if c == 503]
+    codes = {str(c): sum(r[0] == c for r in results) for c in sorted({r[0] for r in results})}
+    pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1) if xs else None  # noqa: E731
+    return {
+        "codes": codes,
+        "admitted_per_s": None,
+        "admitted_p50_ms": pct([t for t, _ in ok], 50),
+        "admitted_p99_ms": pct([t for t, _ in ok], 99),
+        "ingress_total_p99_ms": pct([total / 1000 for _, total in ok], 99),
+        "shed_p50_ms": pct(shed, 50),
+    }
+
+
+def run(name, model_dir, users, seconds) -> dict:
+    config, overrides, backoff = RUNS[name]
+    port = free_port()
+    CONFIGS[f"{config}*"] = (CONFIGS[config][0], [*CONFIGS[config][1], *overrides])
+    proc = start(f"{config}*", model_dir, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        asyncio.run(clients(base, users, 1, 3.0, backoff))  # warm-up
+        alone = summary(asyncio.run(clients(base, users, 1, seconds, backoff)))
+        over_raw = asyncio.run(clients(base, users, 64, seconds, backoff))
+        over = summary(over_raw)
+        over["admitted_per_s"] = round(int(over["codes"].get("200", 0)) / seconds, 1)
+    finally:
+        stop(proc)
+    res = {"run": name, "overrides": overrides, "backoff": backoff, "alone": alone, "c64": over}
+    res["ratio_p99"] = round(over["admitted_p99_ms"] / alone["admitted_p99_ms"], 2)
+    res["load_average_1m"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default="outputs/serve_beauty")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--duration", type=float, default=15.0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_overload.json"))
+    args = parser.parse_args(argv)
+    users = user_ids(args.model_dir)
+    results = [run(name, args.model_dir, users, args.duration) for name in args.runs]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "runs": results}, indent=2))
+    print(f"[serve_overload] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

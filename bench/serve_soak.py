@@ -1,0 +1,136 @@
+"""Soak: a steady request rate for minutes; errors and the memory of Serve's processes.
+
+    flock /tmp/ray.lock python bench/serve_soak.py --model-dir outputs/serve_beauty \
+        --rate 60 --minutes 10
+
+Starts jobs.serve (the default app; --config-name picks a bench/serve_throughput.py
+configuration), warms up (--warmup s, default 60) at --rate (imports, allocator and caches settle), takes
+the resident memory (RSS) of every process of the server's session (driver, raylet, GCS, Serve
+controller, proxy, replicas), then sends --rate requests/s open-loop (a request every 1/rate s
+whatever the answers; at most 256 in flight) for --minutes, sampling RSS each minute. Reports
+answers by status, latency percentiles and RSS growth per process and in total. Issue 15 asks
+for half the measured maximum throughput (bench/README.md "Serving throughput"), 0 errors and
+< 5 % RSS growth. Writes bench/results/serve_soak.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.serve_load import user_ids  # noqa: E402
+from bench.serve_throughput import CONFIGS, free_port, start, stop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES: dict[int, str] = {}  # pid -> name when first seen
+
+
+def session_rss(root_pid: int) -> dict[str, int]:
+    """RSS bytes of the server process and every descendant, keyed 'pid name' (the name as
+    first seen: a Ray worker's title changes with the task it runs)."""
+    out = {}
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        try:
+            name = NAMES.setdefault(proc.pid, " ".join(proc.cmdline()[:1])[:60] or proc.name())
+            out[f"{proc.pid} {name}"] = proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return out
+
+
+async def open_loop(base, users, rate, seconds, results, on_minute=None) -> None:
+    """`rate` requests/s for `seconds`, each sent on schedule (not after the previous one)."""
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    rng, gate = np.random.default_rng(0), asyncio.Semaphore(256)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def one(body: dict) -> None:
+            async with gate:
+                t = time.perf_counter()
+                try:
+                    code = (await client.post(f"{base}/recommend", json=body)).status_code
+                except httpx.HTTPError:
+                    code = -1
+                results.append((code, time.perf_counter() - t))
+
+        t0, tasks, minute = time.perf_counter(), [], 0
+        for i in range(int(rate * seconds)):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if on_minute and (time.perf_counter() - t0) // 60 > minute:
+                minute += 1
+                on_minute(minute)
+            body = {"user_id": int(rng.choice(users)), "k": 10}
+            tasks.append(asyncio.create_task(one(body)))
+        await asyncio.gather(*tasks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default="outputs/serve_beauty")
+    parser.add_argument("--config-name", default="composed", choices=list(CONFIGS))
+    parser.add_argument("--rate", type=float, required=True, help="requests per second")
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=60.0, help="seconds before RSS is taken")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_soak.json"))
+    args = parser.parse_args(argv)
+    users = user_ids(args.model_dir)
+    port = free_port()
+    proc = start(args.config_name, args.model_dir, port)
+    base = f"http://127.0.0.1:{port}"
+    samples: list[tuple[float, dict[str, int]]] = []
+    results: list[tuple[int, float]] = []
+    try:
+        asyncio.run(open_loop(base, users, args.rate, args.warmup, []))
+        samples.append((0.0, session_rss(proc.pid)))
+
+        def sample(minute: int) -> None:
+            samples.append((float(minute), session_rss(proc.pid)))
+            done = len(results)
+            bad = sum(c != 200 for c, _ in results)
+            print(f"[soak] minute {minute}: {done} answers, {bad} not 200", flush=True)
+
+        asyncio.run(open_loop(base, users, args.rate, args.minutes * 60, results, sample))
+        samples.append((args.minutes, session_rss(proc.pid)))
+    finally:
+        stop(proc)
+    first, last = samples[0][1], samples[-1][1]
+    common = sorted(set(first) & set(last))
+    growth = {k: round(100.0 * (last[k] - first[k]) / first[k], 2) for k in common}
+    total = [sum(s.get(k, 0) for k in common) for _, s in samples]
+    ms = np.asarray([t for c, t in results if c == 200]) * 1000
+    out = {
+        "rate": args.rate,
+        "minutes": args.minutes,
+        "config": args.config_name,
+        "codes": {str(c): sum(r[0] == c for r in results) for c in {r[0] for r in results}},
+        "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
+        "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None,
+        "rss_total_mb": [round(t / 2**20, 1) for t in total],
+        "rss_total_growth_pct": round(100.0 * (total[-1] - total[0]) / total[0], 2),
+        "rss_growth_pct_by_process": growth,
+        "processes_gone_or_new": sorted(set(first) ^ set(last)),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "rss_growth_pct_by_process"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The log-fitted session user (`EnvConfig.user_model = "session"`), numpy only.
+
+Same interface as `rl.users.SimulatedUser` (start, respond, satiation, touched, unsatisfied,
+leave_probability), so `rl.env.DiversityEnv` runs either. Parameters: `rl.config.SessionConfig`,
+fitted by `rl.session_fit` (which says, per field, fitted from what or assumed). One slate:
+
+1. exposure: s_c += w_exp * (the slate's mass of category c), before the choice;
+2. clicks: sequential multinomial logit over the k items and a no-click option, utility
+       v_j = preference * z_j - sensitivity_u * sat(j) + position_j + stick_I * same_j,
+   sat(j) the mean satiation of j's categories, position_j the log examination probability
+   of the slot (DCG's 1 / log2(pos + 2), weight `choice.position_bias`), same_j = 1 if j has
+   the category of the last click, stick_I = logit(stay_I) of the current intent I. After a
+   click: s_c += w_click * (the item's share of c); a click in a new category ends the run and
+   the intent switches with P = switch_I; another click follows with P = continue_prob;
+3. recovery: s <- delta * s;
+4. leaving: P = sigmoid(leave_intercept + leave_streak * no-click streak + leave_concentration
+   * (share of the slate's modal category) + leave_utility * the best slot's utility).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rl.config import ChoiceConfig, SessionConfig
+from rl.users import Response, UserTypes
+
+FOCUSED, BROWSING = 0, 1
+
+
+def logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1.0 - 1e-4)
+    return math.log(p / (1.0 - p))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0
+
+
+class SessionUser:
+    """One user's session state (intent, satiation, run category, no-click streak)."""
+
+    def __init__(
+        self,
+        n_categories: int,
+        k: int,
+        cfg: SessionConfig,
+        choice: ChoiceConfig,
+        history_entropy: np.ndarray,
+        rng_seed: int = 0,
+    ) -> None:
+        """history_entropy: (U,) normalised category entropy of each user's logged history."""
+        self.cfg, self.choice_cfg = cfg, choice
+        self.n_categories = n_categories
+        self.history_entropy = np.asarray(history_entropy, dtype=np.float64)
+        self.position_logit = -choice.position_bias * np.log(np.log2(np.arange(k) + 2.0))
+        self.stick = np.array([logit(cfg.stay_focused), logit(cfg.stay_browsing)])
+        self.switch = np.array([cfg.switch_focused, cfg.switch_browsing])
+        self._rng = np.random.default_rng(rng_seed)  # the intent draw at start()
+        self.start(None, 0)
+
+    def start(self, types: UserTypes | None, u: int, rng: np.random.Generator | None = None):
+        """Begin a session of user u: no satiation, no run, an intent drawn from the prior."""
+        c = self.cfg
+        h = float(self.history_entropy[u]) if len(self.history_entropy) else 0.0
+        self.sensitivity = max(0.0, c.sensitivity_base + c.sensitivity_slope * h)
+        self.satiation = np.zeros(self.n_categories + 1)
+        self.touched = np.zeros(self.n_categories + 1, dtype=bool)
+        self.unsatisfied = 0
+        self.run_category = 0  # the last clicked item's most specific category (0: none yet)
+        draw = (rng or self._rng).random()
+        self.intent = FOCUSED if draw < c.focused_share else BROWSING
+        self.leave_prob = sigmoid(c.leave_intercept)
+
+    def leave_probability(self, unsatisfied: int | None = None) -> float:
+        """P(leave) after the last slate (given a streak: the streak term alone changed)."""
+        if unsatisfied is None:
+            return self.leave_prob
+        return sigmoid(self.cfg.leave_intercept + self.cfg.leave_streak * unsatisfied)
+
+    def respond(
+        self, affinity: np.ndarray, cats: np.ndarray, weights: np.ndarray, rng: np.random.Generator
+    ) -> Response:
+        """(k,) standardised affinities, (k, C) categories and weights -> clicks, purchases,
+        leave; state updated."""
+        c = self.cfg
+        mass = np.bincount(cats.ravel(), weights=weights.ravel(), minlength=self.n_categories + 1)
+        self.satiation += c.w_exp * mass
+        self.satiation[0] = 0.0
+        self.touched[cats] = True
+        base = c.preference * affinity + self.position_logit  # (k,)
+        best = float(self._utilities(base, cats, weights).max())
+        clicks, purchases, order = self._clicks(base, affinity, cats, weights, rng)
+        self.satiation *= c.delta
+        self.unsatisfied = 0 if clicks.any() else self.unsatisfied + 1
+        share = float(np.bincount(cats.max(1), minlength=1).max()) / len(cats)
+        z = (
+            c.leave_intercept
+            + c.leave_streak * self.unsatisfied
+            + c.leave_concentration * share
+            + c.leave_utility * best
+        )
+        self.leave_prob = sigmoid(z)
+        return Response(
+            clicks, purchases, bool(rng.random() < self.leave_prob), self.leave_prob, order
+        )
+
+    def _utilities(self, base: np.ndarray, cats: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        util = base - self.sensitivity * (self.satiation[cats] * weights).sum(1)
+        if self.run_category:
+            util = util + self.stick[self.intent] * (cats == self.run_category).any(1)
+        return util
+
+    def _clicks(
+        self,
+        base: np.ndarray,
+        affinity: np.ndarray,
+        cats: np.ndarray,
+        weights: np.ndarray,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequential logit choices -> (k,) clicks, (k,) purchases, (c,) slots in click order."""
+        c, ch, k = self.cfg, self.choice_cfg, len(base)
+        clicks, purchases, order = np.zeros(k, bool), np.zeros(k, bool), []
+        for n in range(ch.max_clicks):
+            util = self._utilities(base, cats, weights)
+            if n:
+                util[clicks] = -np.inf
+            top = max(float(util.max()), c.no_click)
+            cum = np.cumsum(np.exp(util - top))
+            draw = rng.random() * (cum[-1] + math.exp(c.no_click - top))
+            if draw >= cum[-1]:
+                break
+            j = min(int(cum.searchsorted(draw, side="right")), k - 1)
+            clicks[j] = True
+            order.append(j)
+            z = ch.purchase_bias + ch.purchase_slope * float(affinity[j])
+            purchases[j] = rng.random() * (1.0 + math.exp(-z)) < 1.0
+            self.satiation[cats[j]] += c.w_click * weights[j]
+            self.satiation[0] = 0.0
+            self._new_click(int(cats[j].max()), rng)
+            if rng.random() >= c.continue_prob:
+                break
+        return clicks, purchases, np.asarray(order, dtype=np.int64)
+
+    def _new_click(self, category: int, rng: np.random.Generator) -> None:
+        """A click in `category`: a new run (and maybe a new intent) if it differs."""
+        new_run = self.run_category and category != self.run_category
+        if new_run and rng.random() < self.switch[self.intent]:
+            self.intent = 1 - self.intent
+        self.run_category = category
