@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rec.data.batch import Batch
 from rec.data.splits import ItemTables
 from rec.heads import in_history
+from rec.logs import progress
 from rec.metrics import RankingEvaluator, exclusion_set, popularity_scores
 
 DEFAULT_ITEM_CHUNK = 65_536  # items per score chunk: 256 users x 64k items = 64 MB of fp32
@@ -97,7 +98,7 @@ def evaluate(
     pop_scores = popularity_scores(counts, 1)[0] if chunked and popular else None  # (N + 1,)
     was_training = model.training
     model.eval()
-    for _, batch in batches:
+    for _, batch in progress(batches, None, f"evaluate {prefix}"):
         batch = batch.to(device)
         targets = batch.targets[:, -1]
         if chunked:

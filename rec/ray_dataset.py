@@ -90,7 +90,10 @@ def rank_parts(
             make_examples, batch_format="numpy", fn_kwargs={"max_len": max_len},
             num_cpus=DATA_TASK_CPUS,
         )  # fmt: skip
-        parts.append(examples.materialize())
+        part = examples.materialize()
+        # Read by its rank every epoch: a progress bar would re-render in the job's log each time.
+        part.context.enable_progress_bars = False
+        parts.append(part)
     return parts
 
 

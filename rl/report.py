@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rec.logs import progress
 from rec.rerank import RerankConfig
 from rl.arms import Arm, ArmResult, fixed, paired_gain, play, random_lam
 from rl.config import N_LAM_LEVELS, EnvConfig
@@ -26,9 +27,13 @@ def evaluate_arms(
     """Every arm plays the same `episodes` sessions of held-out `users` -> the report dict."""
     grid = [i / (N_LAM_LEVELS - 1) for i in range(N_LAM_LEVELS)]
     args = (data, cfg, users)
-    fixed_results = {lam: play(*args, fixed(lam), episodes, seed, rerank_cfg) for lam in grid}
-    rand = play(*args, random_lam, episodes, seed, rerank_cfg)
-    pol = play(*args, policy, episodes, seed, rerank_cfg)
+    arms = {**{lam: fixed(lam) for lam in grid}, "random": random_lam, "policy": policy}
+    played = {
+        name: play(*args, arm, episodes, seed, rerank_cfg)
+        for name, arm in progress(arms.items(), len(arms), "policy evaluation: arms")
+    }
+    rand, pol = played.pop("random"), played.pop("policy")
+    fixed_results = played
     best_lam = max(grid, key=lambda lam: fixed_results[lam].returns.mean())
     best = fixed_results[best_lam]
     gain = paired_gain(pol, best)
