@@ -21,11 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rec.data.batch import Batch
 from rec.data.splits import ItemTables
-from rec.heads import in_history
 from rec.logs import progress
 from rec.metrics import RankingEvaluator, exclusion_set, popularity_scores
 
@@ -128,24 +126,14 @@ Scorer = tuple[Callable[[int, int], torch.Tensor], Callable[[torch.Tensor], torc
 
 
 def _model_scorer(model, table: torch.Tensor, h: torch.Tensor, items: torch.Tensor) -> Scorer:
-    """`Recommender.next_item_scores` restricted to item ranges: h . e_i / tau + r [i seen]."""
-    hs = (h / model.cfg.temperature).float()  # (B, D)
-    table = table.float()
-    r = model.repeat_logit
-    rows = torch.arange(len(h), device=h.device).unsqueeze(1).expand_as(items)  # (B, T)
+    """The model's own interest logits (`Recommender.next_item_scores`), by item range or for
+    given items, in fp32 like the unchunked path's `.float()`."""
 
     def chunk(lo: int, hi: int) -> torch.Tensor:
-        s = hs @ table[lo:hi].T  # (B, C)
-        if r is not None:
-            inside = (items >= lo) & (items < hi)  # (B, T)
-            seen = torch.zeros_like(s, dtype=torch.bool)
-            seen[rows[inside], items[inside] - lo] = True
-            s = s + r.float() * seen
-        return s
+        return model.next_item_scores(h, items, table, lo, hi).float()
 
     def at(idx: torch.Tensor) -> torch.Tensor:
-        s = (hs.unsqueeze(1) * F.embedding(idx, table)).sum(-1)  # (B, M)
-        return s if r is None else s + r.float() * in_history(items, idx)
+        return model.next_item_scores_at(h, items, table, idx).float()
 
     return chunk, at
 

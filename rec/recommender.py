@@ -38,6 +38,7 @@ from rec.heads import (
     RelevanceHead,
     causal_history,
     diversity_targets,
+    in_history,
     interest_full_loss,
     interest_sampled_loss,
     relevance_sampled_loss,
@@ -206,18 +207,35 @@ class Recommender(nn.Module):
 
     @torch.no_grad()
     def next_item_scores(
-        self, h: torch.Tensor, items: torch.Tensor, table: torch.Tensor
+        self, h: torch.Tensor, items: torch.Tensor, table: torch.Tensor, lo: int = 0, hi=None
     ) -> torch.Tensor:
-        """Interest logits `(B, n_items + 1)`: h . e_i / tau + r [i in items[b]]; column 0 -inf.
+        """Interest logits `(B, hi - lo)` of items lo..hi-1 (default: all, `(B, n_items + 1)`):
+        h . e_i / tau + r [i in items[b]]; column of item 0 -inf.
 
         h: (B, D) from `user_embedding`; items: (B, T) the input items (0 = padding), which get
-        the learned repeat logit r; table: (n_items + 1, D) from `item_table()`.
+        the learned repeat logit r; table: (n_items + 1, D) from `item_table()`. A range bounds
+        the memory of one call on a large catalogue (rec/evaluation.py ranks chunk by chunk).
         """
-        scores = (h / self.cfg.temperature) @ table.T  # (B, N + 1)
+        hi = len(table) if hi is None else hi
+        scores = (h / self.cfg.temperature) @ table[lo:hi].T  # (B, hi - lo)
         if self.repeat_logit is not None:  # items of the input get the learned repeat logit
-            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, items, True)
-            scores = scores + self.repeat_logit * seen  # (B, N + 1)
-        scores[:, 0] = float("-inf")
+            inside = (items >= lo) & (items < hi)  # (B, T)
+            cols = (items - lo).clamp(0, hi - lo - 1)
+            seen = torch.zeros_like(scores).scatter_reduce_(
+                1, cols, inside.to(scores.dtype), "amax"
+            )
+            scores = scores + self.repeat_logit * seen  # (B, hi - lo)
+        if lo == 0:
+            scores[:, 0] = float("-inf")
+        return scores
+
+    def next_item_scores_at(
+        self, h: torch.Tensor, items: torch.Tensor, table: torch.Tensor, idx: torch.Tensor
+    ) -> torch.Tensor:
+        """`next_item_scores` of given items only: idx (B, M) item ids -> (B, M)."""
+        scores = ((h / self.cfg.temperature).unsqueeze(1) * F.embedding(idx, table)).sum(-1)
+        if self.repeat_logit is not None:
+            scores = scores + self.repeat_logit * in_history(items, idx)
         return scores
 
     @torch.no_grad()
