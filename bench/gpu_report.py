@@ -3,8 +3,9 @@
     python bench/gpu_report.py .cache/gpu_check   # writes bench/results/gpu_check.json
 
 MFU = achieved model FLOP/s / the GPU's dense bf16 peak, with training FLOPs per real token
-~= 6 * backbone parameters + 6 * hidden * n_items (full-softmax output layer) + 12 * layers *
-hidden * mean context (attention scores), the usual 6N accounting (Kaplan et al. 2020).
+~= 6 * backbone parameters + 6 * hidden * n_items (full-softmax output layer; K + 1 under
+sampled softmax) + 12 * layers * hidden * mean context (attention scores), the usual 6N
+accounting (Kaplan et al. 2020). bench/gpu_taobao.py's runs are listed from gpu_taobao.json.
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ def main(out: Path) -> None:
     names = {p.name for p in out.glob("*-z*") if p.is_dir()}
     names |= {p.name.removesuffix(".wall.json") for p in out.glob("*-z*.wall.json")}
     rows = [_run_row(out, out / name, peak) for name in sorted(names)]
-    report = {"gpu": gpu, "peak_bf16_flops": peak, "runs": rows}
+    taobao_path = out / "gpu_taobao.json"  # bench/gpu_taobao.py's records, MFU included
+    taobao = json.loads(taobao_path.read_text()) if taobao_path.exists() else []
+    report = {"gpu": gpu, "peak_bf16_flops": peak, "runs": rows, "taobao": taobao}
     _print_table(gpu, rows)
+    for r in taobao:
+        mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        print(f"{r['run']:22} {r['tokens_per_s']:12,.0f} tokens/s  MFU {mfu}")
     Path("bench/results/gpu_check.json").write_text(json.dumps(report, indent=2))
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
 
@@ -48,9 +54,8 @@ def _run_row(out: Path, run: Path, peak: float | None) -> dict:
     cfg = json.loads(config_path.read_text())
     hidden, layers, ffn = _arch(cfg)
     n_items = cfg["data"]["n_items"]
-    backbone = layers * (4 * hidden**2 + 3 * hidden * ffn)  # attention projections + SwiGLU
-    mean_context = 25  # half the 50-event window
-    flops_token = 6 * backbone + 6 * hidden * n_items + 12 * layers * hidden * mean_context
+    sampled = _sampled_negatives(cfg)
+    flops_token = flops_per_token(hidden, layers, ffn, n_items, sampled)
     # Steady: after the first batches (CUDA and allocator warm-up); whole: the epoch loop.
     tps = m.get("best.train_tokens_per_s_steady", m["best.train_tokens_per_s"])
     return {
@@ -70,6 +75,31 @@ def _run_row(out: Path, run: Path, peak: float | None) -> dict:
         "hidden": hidden,
         "layers": layers,
     }
+
+
+def flops_per_token(
+    hidden: int, layers: int, ffn: int, n_items: int, n_negatives: int | None = None
+) -> int:
+    """Training FLOPs per real token (6N accounting): backbone, the interest logits (every
+    item under full softmax; the K shared negatives + the positive under sampled softmax, as
+    that is all the step computes) and attention scores over a mean 25-token context."""
+    backbone = layers * (4 * hidden**2 + 3 * hidden * ffn)  # attention projections + SwiGLU
+    mean_context = 25  # half the 50-event window
+    logits = n_items if n_negatives is None else n_negatives + 1
+    return 6 * backbone + 6 * hidden * logits + 12 * layers * hidden * mean_context
+
+
+def _sampled_negatives(cfg: dict) -> int | None:
+    """K if the exported model trained with sampled softmax ("auto" resolved), else None."""
+    from rec.model import DataDims, ModelConfig, resolve_interest_loss
+
+    m, d = cfg["model"], cfg["data"]
+    mode = m.get("interest_loss", "full")
+    if mode == "auto":
+        threshold = m.get("sampled_above_items", 100_000)
+        probe = ModelConfig(interest_loss="auto", sampled_above_items=threshold)
+        mode = resolve_interest_loss(probe, DataDims(n_items=d["n_items"], n_categories=1))
+    return m.get("n_negatives", 1024) if mode == "sampled" else None
 
 
 def _print_table(gpu: str, rows: list[dict]) -> None:

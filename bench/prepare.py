@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -42,8 +43,10 @@ def run_one(mode: str, log: str, out: str) -> dict:
     from rec.data.config import DataConfig
 
     cfg = DataConfig(format="taobao", path=log)
+    shutil.rmtree(out, ignore_errors=True)  # output_bytes: this run's files only
     tree_peak, worker_peak = [0], [0]
     stop = threading.Event()
+    limit = int(os.environ.get("BENCH_RSS_LIMIT_MB", "16000")) << 20  # a shared 24 GB machine
 
     def sample() -> None:  # RSS of this process and its children (Ray's workers)
         me = psutil.Process()
@@ -51,6 +54,9 @@ def run_one(mode: str, log: str, out: str) -> dict:
             rss = [_rss(p) for p in me.children(recursive=True)]
             tree_peak[0] = max(tree_peak[0], _rss(me) + sum(rss))
             worker_peak[0] = max(worker_peak[0], *rss, 0)  # the largest single child
+            if tree_peak[0] > limit:  # stop before the machine's OOM killer picks a victim
+                print(json.dumps({"mode": mode, "error": f"RSS over {limit >> 20} MB"}), flush=True)
+                os._exit(3)
 
     t_start = time.perf_counter()
     if mode == "ray":
@@ -66,7 +72,8 @@ def run_one(mode: str, log: str, out: str) -> dict:
 
         t_ready = time.perf_counter()
         threading.Thread(target=sample, daemon=True).start()
-        stats = prepare_local(cfg, out)
+        run = prepare_streaming if mode == "polars-stream" else prepare_local
+        stats = run(cfg, out)
     seconds = time.perf_counter() - t_ready
     stop.set()
     return {
@@ -80,7 +87,137 @@ def run_one(mode: str, log: str, out: str) -> dict:
         "worker_peak_rss_mb": round(worker_peak[0] / 2**20),
         "n_users": stats["n_users"],
         "n_items": stats["n_items"],
+        "output_bytes": sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()),
     }
+
+
+def prepare_streaming(cfg, out: str) -> dict:
+    """The single-process polars reference for logs too big for the eager one (100M events
+    would need ~37 GB): the same transformation with polars' streaming engine, in 3 passes.
+
+      1. scan_csv (all fields as text) -> typed, invalid rows dropped (field count, numbers,
+         behavior, timestamp window: the reader's checks, without quarantine files) -> read
+         order (seq_no) -> exact duplicates dropped -> sink_parquet (clean events)
+      2. scan the clean events: users with >= min events, item counts -> vocabularies
+         (rec.data.sequences.build_vocab, eager on one row per item)
+      3. scan again: vocabulary index, sort by (user, time, read order), per-user lists
+         (streaming collect) -> rec.data.sequences.split_views -> train/valid/test parquet
+    """
+    import polars as pl
+
+    from rec.data import outputs, sequences
+    from rec.data.parse import TAOBAO_BEHAVIORS
+
+    cols = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
+    lo, hi = cfg.window()
+    ints = [
+        pl.col(c).str.strip_chars().str.to_integer(strict=False) for c in cols if c != "behavior"
+    ]
+    raw = pl.scan_csv(
+        cfg.path, has_header=False, new_columns=cols, schema={c: pl.String for c in cols}
+    ).with_row_index("seq_no")
+    typed = raw.with_columns(
+        *ints, pl.col("behavior").str.strip_chars(), pl.lit(None, pl.Float32).alias("value")
+    )
+    ok = pl.all_horizontal(pl.col(c).is_not_null() for c in cols)
+    ok = ok & pl.col("behavior").is_in(list(TAOBAO_BEHAVIORS))
+    ok = ok & (pl.col("timestamp") >= (lo or 0)) & (pl.col("timestamp") < (hi or 2**62))
+    clean_path = Path(out) / "_clean.parquet"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    typed.filter(ok).unique(sequences.EVENT_KEY, keep="first").sink_parquet(clean_path)
+    rows_read = raw.select(pl.len()).collect(engine="streaming").item()
+    clean = pl.scan_parquet(clean_path)
+    users = clean.group_by("user_id").len().filter(pl.col("len") >= cfg.min_events())
+    kept = clean.join(users.select("user_id"), on="user_id", how="semi")
+    stats = (
+        kept.group_by("item_id")
+        .agg(pl.len().cast(pl.Int64).alias("count"), pl.col("category_id").first())
+        .select("item_id", "count", pl.concat_list("category_id").alias("category_ids"))
+        .collect(engine="streaming")
+        .sort("item_id")
+    )
+    items, cats = sequences.build_vocab(stats)
+    outputs.write_vocab(out, items, cats)
+    seqs = (
+        kept.join(items.lazy().select("item_id", "item_idx"), on="item_id")
+        .with_columns(sequences.behavior_token().alias("token"))
+        .sort(["user_id", "timestamp", "seq_no"])
+        .group_by("user_id", maintain_order=True)
+        .agg(
+            pl.col("item_idx").tail(cfg.max_len + 2).alias("items"),
+            pl.col("token").tail(cfg.max_len + 2).alias("behaviors"),
+            pl.col("timestamp").tail(cfg.max_len + 2).alias("timestamps"),
+            pl.len().cast(pl.Int64).alias("n_events"),
+        )
+        .collect(engine="streaming")
+    )
+    for split, view in sequences.split_views(seqs, cfg.max_len).items():
+        (Path(out) / split).mkdir(exist_ok=True)
+        view.write_parquet(Path(out) / split / "part-00000.parquet")
+    clean_path.unlink()
+    return {"rows_read": rows_read, "n_users": seqs.height, "n_items": items.height}
+
+
+def scale_points(scale: float, work: Path, modes: list[str], timeout: int = 1800) -> list[dict]:
+    """bench/scale.py's prepare points: the Taobao-shaped log (jobs/configs/taobao_scale.yaml)
+    at `scale` as one CSV like the real file, run by each mode in its own subprocess; the Ray
+    record gets its ratio to the fastest polars reference of the same run."""
+    from jobs.config import RunConfig
+    from rec.config_loader import load_config
+    from rec.data.synthetic import generate
+
+    cfg = load_config(RunConfig, str(ROOT / "jobs/configs/taobao_scale.yaml"), [])
+    cfg.data.synthetic.scale = scale
+    log = work / f"log-{scale:g}" / "UserBehavior.csv"
+    if not log.exists():
+        generate(cfg.data.synthetic, log.parent, fmt="csv", single_file=True, overwrite=True)
+    records = []
+    for mode in modes:
+        cmd = [sys.executable, __file__, "--one", mode, "--log", str(log)]
+        r = _child(cmd + ["--work", str(work / f"prep-{scale:g}")], timeout, work)
+        if "error" in r:  # a point that does not fit is a result too
+            records.append({"stage": "prepare", "mode": mode, "events": None, "scale": scale, **r})
+            continue
+        records.append(
+            {
+                "stage": "prepare",
+                "mode": mode,
+                "events": r["rows"],
+                **{k: r[k] for k in ("seconds", "startup_seconds", "events_per_s")},
+                "peak_rss_mb": r["driver_peak_rss_mb"],
+                "worker_peak_rss_mb": r["worker_peak_rss_mb"],
+                "tree_peak_rss_mb": r["tree_peak_rss_mb"],
+                "log_bytes": log.stat().st_size,
+                **{k: r[k] for k in ("output_bytes", "n_users", "n_items")},
+            }
+        )
+    refs = [r for r in records if r["mode"] != "ray" and "error" not in r]
+    for r in records:
+        if r["mode"] == "ray" and refs and "error" not in r:
+            best = max(refs, key=lambda x: x["events_per_s"])
+            r["reference"] = best["mode"]
+            r["ray_over_polars"] = round(r["events_per_s"] / best["events_per_s"], 3)
+            with_start = r["seconds"] + r["startup_seconds"]
+            r["ray_over_polars_with_startup"] = round(best["seconds"] / with_start, 3)
+    if scale >= 1:  # ~10 GB of inputs and outputs
+        shutil.rmtree(work / f"prep-{scale:g}", ignore_errors=True)
+    return records
+
+
+def _child(cmd: list[str], timeout: int, work: Path) -> dict:
+    """Run one point; its output (the pipeline's per-stage seconds and RSS) goes to a log."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
+    name = Path(cmd[5]).parent.name + "-" + cmd[3]  # log-<scale>-<mode>
+    (work / f"{name}.out").write_text(proc.stdout + proc.stderr)
+    last = (proc.stdout.strip().splitlines() or ["{}"])[-1]
+    if proc.returncode:  # the RSS watchdog's line, or the traceback's end
+        said = json.loads(last).get("error") if last.startswith('{"mode"') else None
+        return {"error": said or proc.stderr.strip()[-300:]}
+    return json.loads(last)
 
 
 def _driver_peak_mb() -> int:
@@ -102,7 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=float, default=10e6)
     parser.add_argument("--work", default=str(ROOT / ".cache" / "bench_prepare"))
-    parser.add_argument("--one", choices=["ray", "polars"], help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=["ray", "polars", "polars-stream"], help=argparse.SUPPRESS)
     parser.add_argument("--log", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)

@@ -1,16 +1,24 @@
-"""Scale sweep (issue 13): cost curves of generate, prepare, evaluation, retrieval against size.
+"""Scale sweep (issue 13): cost curves of generate, prepare, train, evaluation, retrieval.
 
-    flock /tmp/ray.lock python bench/scale.py --big        # every point (~25 min on 2 cores)
-    flock /tmp/ray.lock python bench/scale.py --only retrieval --items 12000 100000 --update
+    python bench/scale.py          # the points that fit (each < 30 min; ~1 h on 2 cores)
+    python bench/scale.py --big    # + 4M items for train, evaluation, retrieval
+    python bench/scale.py --only retrieval --items 12000 100000 --update
 
-Every point runs in its own subprocess, so its peak RSS is its own (VmHWM):
+It does not take the Ray lock itself: on the shared machine run it as
+`flock /tmp/ray.lock python bench/scale.py ...`. Every point runs in its own subprocess, so its
+peak RSS is its own (VmHWM):
 
   generate   the Taobao-shaped synthetic log streamed to parquet at scale 0.01, 0.1, 1 (~1M,
              ~10M, ~100M events): seconds, peak RSS (bounded: one 20k-user chunk at a time)
-  prepare    the Taobao-shaped synthetic log (jobs/configs/taobao_scale.yaml) at scale 0.01 and
-             0.1 (~1M, ~10M events) written as one CSV like the real file, then jobs.prepare's
-             Ray Data pipeline and the single-process polars reference (bench/prepare.py);
-             driver and largest-worker peak RSS
+  prepare    the same log (jobs/configs/taobao_scale.yaml) at scale 0.01, 0.1, 1 written as one
+             CSV like the real file, then jobs.prepare's Ray Data pipeline and the
+             single-process polars references (bench/prepare.py: eager where it fits, i.e.
+             up to 10M events, and streaming at every size); driver and largest-worker peak
+             RSS, output bytes, Ray over the fastest polars reference
+  train      bench/scale_train.py: Ray Train + DeepSpeed steps (2 CPU workers) at 100k, 1M
+             (4M) items under ZeRO-2, ZeRO-3 and a row-sparse item table: step seconds,
+             tokens/s, largest worker RSS; quality (scale_quality.py): sampled vs full softmax
+  serve      bench/scale_serve.py: the HTTP endpoint over a 4.16M-item export: p50/p99
   evaluate   full ranking of every item, chunked over items (rec/evaluation.py), for a sample
              of users of a tiny model (64-d) at 100k, 1M items (4M with --big): seconds
              per 10k users
@@ -41,10 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / ".cache" / "bench_scale"
-PREPARE_SCALES = (0.01, 0.1)
 EVAL_POINTS = ((100_000, 2000), (1_000_000, 500))  # (items, users measured)
 RETRIEVAL_ITEMS = (12_000, 100_000, 1_000_000)
 N_CATEGORIES = 9_439  # Taobao's
+POINT_SECONDS = 1800  # a point that does not finish in 30 min does not fit this node
 
 
 def _peak_rss_mb() -> int:
@@ -171,7 +179,7 @@ def point_retrieval(n_items: int, method: str, n_queries: int = 300) -> dict:
     }
 
 
-def point_generate(scale: float) -> dict:
+def point_generate(scale: float, work: Path) -> dict:
     """The Taobao-shaped synthetic log at `scale` streamed to parquet files, chunk by chunk."""
     from jobs.config import RunConfig
     from rec.config_loader import load_config
@@ -180,7 +188,7 @@ def point_generate(scale: float) -> dict:
     cfg = load_config(RunConfig, str(ROOT / "jobs/configs/taobao_scale.yaml"), [])
     cfg.data.synthetic.scale = scale
     t0 = time.perf_counter()
-    paths = generate(cfg.data.synthetic, WORK / f"gen-{scale:g}", overwrite=True)
+    paths = generate(cfg.data.synthetic, work / f"gen-{scale:g}", overwrite=True)
     seconds = time.perf_counter() - t0
     import pyarrow.parquet as pq
 
@@ -196,64 +204,50 @@ def point_generate(scale: float) -> dict:
     }
 
 
-def prepare_points(scale: float) -> list[dict]:
-    """The Taobao-shaped log at `scale` as one CSV, prepared by Ray and by polars."""
-    from jobs.config import RunConfig
-    from rec.config_loader import load_config
-    from rec.data.synthetic import generate
-
-    cfg = load_config(RunConfig, str(ROOT / "jobs/configs/taobao_scale.yaml"), [])
-    cfg.data.synthetic.scale = scale
-    out = WORK / f"log-{scale:g}"
-    log = out / "UserBehavior.csv"
-    if not log.exists():
-        generate(cfg.data.synthetic, out, fmt="csv", single_file=True, overwrite=True)
-    records = []
-    for mode in ("polars", "ray"):
-        cmd = [sys.executable, str(ROOT / "bench/prepare.py"), "--one", mode, "--log", str(log)]
-        r = json.loads(_run(cmd + ["--work", str(WORK / f"prep-{scale:g}")]))
-        records.append(
-            {
-                "stage": "prepare",
-                "mode": mode,
-                "events": r["rows"],
-                "seconds": r["seconds"],
-                "events_per_s": r["events_per_s"],
-                "peak_rss_mb": r["driver_peak_rss_mb"],
-                "worker_peak_rss_mb": r["worker_peak_rss_mb"],
-                "tree_peak_rss_mb": r["tree_peak_rss_mb"],
-                "log_bytes": log.stat().st_size,
-                "n_users": r["n_users"],
-                "n_items": r["n_items"],
-            }
-        )
-    return records
-
-
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str], points: int = 1) -> str:
+    """Run points in a subprocess, each allowed POINT_SECONDS; its last stdout line."""
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    env["TORCH_EXTENSIONS_DIR"] = ext
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=POINT_SECONDS * points
+    )
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[1:4])} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout.strip().splitlines()[-1]
 
 
 def _key(r: dict) -> tuple:
-    return r["stage"], r.get("events") or r["items"], r.get("mode") or r.get("method")
+    variant = r.get("mode") or r.get("method") or r.get("zero_stage") or r.get("interest_loss")
+    return r["stage"], r.get("events") or r.get("items") or r.get("scale"), variant
+
+
+def _cost(r: dict) -> tuple[str, float, float, str] | None:
+    """(series name, size, cost, panel axis) of a record's time curve; None for a failed point."""
+    if "error" in r:
+        return None
+    if r["stage"] in ("prepare", "generate"):
+        name = f"{r['stage']}.{r.get('mode', 'synthetic')}.seconds"
+        return name, r["events"], r["seconds"], "events"
+    if r["stage"] == "evaluate":
+        return "evaluate.seconds_per_10k_users", r["items"], r["seconds_per_10k_users"], "items"
+    if r["stage"] == "train":
+        z = r["zero_stage"]
+        name = f"train.{f'zero{z}' if str(z).isdigit() else z}.step_seconds"
+        return name, r["items"], r["seconds"], "items"
+    if r["stage"] == "serve":
+        return "serve.http.p50_ms", r["items"], r["p50_ms"], "items"
+    if r["stage"] == "quality":
+        return None  # one catalogue size: a table row, not a curve
+    if r["stage"] == "retrieval":
+        return f"retrieval.{r['method']}.p50_ms", r["items"], r["p50_ms"], "items"
+    return f"{r['stage']}.seconds", r.get("events") or r["items"], r["seconds"], "items"
 
 
 def exponents(records: list[dict]) -> dict[str, float]:
     """b of cost ~ size^b (least squares in log-log) per stage (and method / mode)."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for r in records:
-        if r["stage"] == "prepare":
-            key, x, y = f"prepare.{r['mode']}.seconds", r["events"], r["seconds"]
-        elif r["stage"] == "generate":
-            key, x, y = "generate.seconds", r["events"], r["seconds"]
-        elif r["stage"] == "evaluate":
-            key, x, y = "evaluate.seconds_per_10k_users", r["items"], r["seconds_per_10k_users"]
-        else:
-            key, x, y = f"retrieval.{r['method']}.p50_ms", r["items"], r["p50_ms"]
+    for key, x, y, _ in filter(None, map(_cost, records)):
         series.setdefault(key, []).append((x, y))
     out = {}
     for key, pts in series.items():
@@ -264,72 +258,85 @@ def exponents(records: list[dict]) -> dict[str, float]:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """Log-log panels: seconds against events (prepare), against items (evaluation,
-    retrieval p50), and peak RSS against size."""
+    """Log-log panels: seconds against events (generate, prepare), cost against items
+    (train step, evaluation per 10k users, retrieval p50 ms), and peak RSS against size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     lines: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for r in records:
-        size = r.get("events") or r["items"]
-        if r["stage"] in ("prepare", "generate"):
-            name = f"{r['stage']} ({r.get('mode', 'synthetic')})"
-            lines.setdefault((0, name), []).append((size, r["seconds"]))
-        elif r["stage"] == "evaluate":
-            lines.setdefault((1, "evaluate s / 10k users"), []).append(
-                (size, r["seconds_per_10k_users"])
+        cost = _cost(r)
+        if cost is None:
+            continue
+        name, size, y, axis = cost
+        lines.setdefault((0 if axis == "events" else 1, name), []).append((size, y))
+        peak = f"{name.rsplit('.', 1)[0]} peak MB"
+        lines.setdefault((2, peak), []).append((size, r["peak_rss_mb"]))
+        if r.get("worker_peak_rss_mb"):
+            lines.setdefault((2, f"{peak} (largest worker)"), []).append(
+                (size, r["worker_peak_rss_mb"])
             )
-        else:
-            lines.setdefault((1, f"retrieval {r['method']} p50 ms"), []).append((size, r["p50_ms"]))
-        lines.setdefault((2, f"{r['stage']} {r.get('mode') or r.get('method') or ''}"), []).append(
-            (size, r["peak_rss_mb"])
-        )
     for (panel, name), pts in lines.items():
         pts.sort()
         axes[panel].plot(*zip(*pts, strict=True), "o-", label=name)
-    titles = ("prepare: seconds vs events", "seconds vs items", "peak RSS MB vs size")
+    titles = ("seconds vs events", "cost vs items (see legend)", "peak RSS MB vs size")
     for ax, title in zip(axes, titles, strict=True):
         ax.set(xscale="log", yscale="log", title=title)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    stages = ["generate", "prepare", "evaluate", "retrieval"]
-    parser.add_argument("--only", choices=stages, nargs="*")
-    parser.add_argument("--gen-scales", type=float, nargs="*", default=[0.01, 0.1, 1.0])
-    parser.add_argument("--items", type=int, nargs="*", help="retrieval catalogue sizes")
-    parser.add_argument("--big", action="store_true", help="also 4M items (eval, retrieval)")
-    parser.add_argument("--update", action="store_true", help="merge into scale.json")
-    parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)  # in the subprocess
-    args = parser.parse_args()
-    if args.point:
-        stage, size, arg = args.point
-        if stage == "generate":
-            print(json.dumps(point_generate(float(size))))
-            return
-        fn = point_evaluate if stage == "evaluate" else point_retrieval
-        print(json.dumps(fn(int(size), int(arg) if stage == "evaluate" else arg)))
-        return
-    stages = args.only or stages
-    WORK.mkdir(parents=True, exist_ok=True)
+def jsonl_records(script: str, args: list[str], work: Path, points: int) -> list[dict]:
+    """Records of one of helper T's scripts (bench/scale_train.py, scale_serve.py,
+    scale_quality.py), run in its own process with `--out <file>` (JSON lines)."""
+    out = work / f"{Path(script).stem}.jsonl"
+    out.unlink(missing_ok=True)
+    _run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], points)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def model_records(args, stages: list[str], work: Path) -> list[dict]:
+    """train: Ray Train + DeepSpeed steps at 100k, 1M (4M) items, ZeRO-2/3 and the row-sparse
+    item table; quality: sampled vs full softmax at ~100k items; serve: the HTTP endpoint
+    over a 4.16M-item export (its faiss index built first, no Ray)."""
+    records: list[dict] = []
+    if "train" in stages:
+        items = args.train_items or [100_000, 1_000_000] + ([4_162_024] if args.big else [])
+        zero = ["2", "3", "sparse"]
+        cli = ["--items", *map(str, items), "--zero", *zero, "--steps", str(args.train_steps)]
+        records += jsonl_records("scale_train.py", cli, work, len(items) * len(zero))
+    if "quality" in stages:
+        records += jsonl_records("scale_quality.py", ["--items", "100000"], work, 1)
+    if "serve" in stages:
+        root = ["--root", str(work / "serve")]
+        _run([sys.executable, str(ROOT / "bench/scale_serve.py"), "build", *root])
+        records += jsonl_records("scale_serve.py", ["serve", *root], work, 1)
+    return records
+
+
+def measure(args, stages: list[str], work: Path) -> list[dict]:
+    """Every asked-for point, each in its own subprocess."""
     records: list[dict] = []
     me = [sys.executable, __file__, "--point"]
     if "generate" in stages:
         for scale in args.gen_scales:
-            records.append(json.loads(_run([*me, "generate", str(scale), "-"])))
+            records.append(json.loads(_run([*me, "generate", str(scale), str(work)])))
             print(json.dumps(records[-1]), flush=True)
     if "prepare" in stages:
-        for scale in PREPARE_SCALES:
-            records += prepare_points(scale)
+        from bench.prepare import scale_points
+
+        for scale in args.prepare_scales:
+            # Eager polars holds the whole log (~37 GB at 100M events): up to 10M only.
+            modes = ["polars", "polars-stream", "ray"] if scale <= 0.1 else ["ray", "polars-stream"]
+            records += scale_points(scale, work, modes, POINT_SECONDS)
             print(json.dumps(records[-1]), flush=True)
+    records += model_records(args, stages, work)
     if "evaluate" in stages:
         for items, users in EVAL_POINTS + (((4_162_024, 200),) if args.big else ()):
             records.append(json.loads(_run([*me, "evaluate", str(items), str(users)])))
@@ -339,6 +346,38 @@ def main() -> None:
             for method in ("exact", "ann"):
                 records.append(json.loads(_run([*me, "retrieval", str(items), method])))
                 print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    stages = ["generate", "prepare", "train", "quality", "evaluate", "retrieval", "serve"]
+    parser.add_argument("--only", choices=stages, nargs="*")
+    parser.add_argument("--gen-scales", type=float, nargs="*", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--prepare-scales", type=float, nargs="*", default=[0.01, 0.1, 1.0])
+    parser.add_argument("--work", default=str(WORK), help="generated logs and outputs")
+    parser.add_argument("--items", type=int, nargs="*", help="retrieval catalogue sizes")
+    parser.add_argument("--train-items", type=int, nargs="*", help="train catalogue sizes")
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--big", action="store_true", help="also 4M items (eval, retrieval)")
+    parser.add_argument("--update", action="store_true", help="merge into scale.json")
+    parser.add_argument("--merge", nargs="*", default=[], help="JSON-lines records to add")
+    parser.add_argument("--point", nargs="+", help=argparse.SUPPRESS)  # in the subprocess
+    args = parser.parse_args()
+    if args.point:
+        stage, size, arg = args.point
+        if stage == "generate":
+            print(json.dumps(point_generate(float(size), Path(arg))))
+            return
+        fn = point_evaluate if stage == "evaluate" else point_retrieval
+        print(json.dumps(fn(int(size), int(arg) if stage == "evaluate" else arg)))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    records = measure(args, stages if args.only is None else args.only, work)
+    for path in args.merge:  # points measured by an earlier run of one of the scripts above
+        lines = Path(path).read_text().splitlines()
+        records += [r for r in map(json.loads, filter(None, lines)) if "stage" in r]
     if args.update:  # keep the earlier file's points that this run did not measure again
         old = json.loads((RESULTS / "scale.json").read_text())["records"]
         records = [r for r in old if _key(r) not in {_key(x) for x in records}] + records

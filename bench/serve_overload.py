@@ -2,13 +2,15 @@
 
     flock /tmp/ray.lock python bench/serve_overload.py --model-dir outputs/serve_beauty
 
-Per configuration (a jobs.serve process each, see bench/serve_throughput.py): C = 1 for
+Per configuration (a jobs.serve process each, or the bare uvicorn server of
+bench/serve_throughput.py with the same admission: the no-Ray control): C = 1 for
 --duration s (the unloaded p99), then C = 64 for --duration s, where a client answered 503
 waits `backoff` (Retry-After: a polite client; or 0.25 s: four times the pressure) before its
 next request. Reports the answers by status, the admitted (200) p50/p99 seen by the client, the
 p99 of the ingress's own `timings_ms.total` for those (time inside the ingress replica: the
-rest is the HTTP proxy, the client and waiting for a CPU), and the 503s' p50.
-Writes bench/results/serve_overload.json.
+rest is the HTTP proxy, the client and waiting for a CPU), and the 503s' p50. The clients run
+in this process, on the same cores as the server: on a small machine their own scheduling is
+part of every latency measured. Writes bench/results/serve_overload.json.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from bench.serve_throughput import CONFIGS, free_port, start, stop  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# name -> (serve_throughput configuration, jobs.serve overrides, client back-off after a 503:
-# seconds or "retry-after").
 def limits(ongoing: int, queued: int) -> list[str]:
     """Serve's limits of the ingress: running per replica, held in the router."""
     return [
@@ -41,6 +41,27 @@ def limits(ongoing: int, queued: int) -> list[str]:
     ]
 
 
+def quiet(overrides: list[str]) -> list[str]:
+    """Without Ray Serve's per-request access log (serve.access_log=false)."""
+    return [*overrides, "serve.access_log=false"]
+
+
+def admit(running: int) -> list[str]:
+    """The ingress's own admission (serve.max_running), Serve's limits far above the client
+    count so that nothing waits in Serve's router; no access log lines."""
+    return [*quiet(limits(256, 256)), f"serve.max_running={running}"]
+
+
+# Serve's router retries a request that found every replica full after 25 ms, doubling to
+# 0.5 s (RAY_SERVE_ROUTER_RETRY_*, read where the proxy starts): a queued request may sleep
+# while a slot is free. These settings retry after 1-5 ms instead.
+FAST_ROUTER = {
+    "RAY_SERVE_ROUTER_RETRY_INITIAL_BACKOFF_S": "0.001",
+    "RAY_SERVE_ROUTER_RETRY_MAX_BACKOFF_S": "0.005",
+}
+
+# name -> (serve_throughput configuration, jobs.serve overrides, client back-off after a 503:
+# seconds or "retry-after"[, environment of the server's processes]).
 RUNS = {
     "composed 4+4, backoff 0.25 s": ("composed", limits(4, 4), 0.25),
     "composed 4+4, Retry-After": ("composed", limits(4, 4), "retry-after"),
@@ -48,12 +69,24 @@ RUNS = {
     "fused 1+1, Retry-After": ("fused", limits(1, 1), "retry-after"),
     "fused+tput 2+2, Retry-After": ("fused+tput", limits(2, 2), "retry-after"),
     "fused+haproxy 2+2, Retry-After": ("fused+haproxy", limits(2, 2), "retry-after"),
+    "bare, Retry-After": ("bare", [], "retry-after"),
+    "bare app 2, Retry-After": ("bare", admit(2), "retry-after"),
+    "bare app 2, backoff 0.25 s": ("bare", admit(2), 0.25),
+    "fused app 2, Retry-After": ("fused", admit(2), "retry-after"),
+    "fused app 4, Retry-After": ("fused", admit(4), "retry-after"),
+    "fused app 2, backoff 0.25 s": ("fused", admit(2), 0.25),
+    "fused 2+2 fast router, Retry-After": ("fused", limits(2, 2), "retry-after", FAST_ROUTER),
+    "fused 1+1 fast router, Retry-After": ("fused", limits(1, 1), "retry-after", FAST_ROUTER),
+    "fused 2+1 fast router, Retry-After": ("fused", limits(2, 1), "retry-after", FAST_ROUTER),
+    "fused 2+2 fast router, backoff 0.25 s": ("fused", limits(2, 2), 0.25, FAST_ROUTER),
 }
 
 
-async def clients(base, users, n, seconds, backoff) -> list[tuple[int, float, float | None]]:
-    """n closed-loop clients for `seconds`: (status, client seconds, ingress total ms)."""
-    out: list[tuple[int, float, float | None]] = []
+async def clients(base, users, n, seconds, backoff) -> list[tuple]:
+    """n closed-loop clients for `seconds`: (status, client seconds, ingress total ms, seconds
+    from the start to the request's send)."""
+    out: list[tuple] = []
+    t0 = time.perf_counter()
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
@@ -68,7 +101,7 @@ async def clients(base, users, n, seconds, backoff) -> list[tuple[int, float, fl
                 except httpx.HTTPError:
                     code, resp = -1, None
                 total = resp.json()["timings_ms"]["total"] if code == 200 else None
-                out.append((code, time.perf_counter() - t, total))
+                out.append((code, time.perf_counter() - t, total, t - t0))
                 if code == 503:
                     wait = resp.headers.get("retry-after") if backoff == "retry-after" else None
                     await asyncio.sleep(float(wait) if wait else float(backoff))
@@ -77,25 +110,32 @@ async def clients(base, users, n, seconds, backoff) -> list[tuple[int, float, fl
     return out
 
 
+SETTLE_S = 3.0  # the first seconds of a level: 64 connections opened at once, not steady
+
+
 def summary(results) -> dict:
-    ok = [(t, total) for c, t, total in results if c == 200]
-    shed = [t for c, t, _ in results if c == 503]
+    ok = [(t, total) for c, t, total, _ in results if c == 200]
+    settled = [t for c, t, _, start in results if c == 200 and start >= SETTLE_S]
+    shed = [t for c, t, _, _ in results if c == 503]
     codes = {str(c): sum(r[0] == c for r in results) for c in sorted({r[0] for r in results})}
     pct = lambda xs, q: round(float(np.percentile(xs, q)) * 1000, 1) if xs else None  # noqa: E731
     return {
         "codes": codes,
         "admitted_per_s": None,
         "admitted_p50_ms": pct([t for t, _ in ok], 50),
+        "admitted_p95_ms": pct([t for t, _ in ok], 95),
         "admitted_p99_ms": pct([t for t, _ in ok], 99),
+        "settled_p99_ms": pct(settled, 99),  # sent after the first SETTLE_S seconds
         "ingress_total_p99_ms": pct([total / 1000 for _, total in ok], 99),
         "shed_p50_ms": pct(shed, 50),
     }
 
 
 def run(name, model_dir, users, seconds) -> dict:
-    config, overrides, backoff = RUNS[name]
+    config, overrides, backoff, *env = RUNS[name]
     port = free_port()
-    CONFIGS[f"{config}*"] = (CONFIGS[config][0], [*CONFIGS[config][1], *overrides])
+    env_extra = {**CONFIGS[config][0], **(env[0] if env else {})}
+    CONFIGS[f"{config}*"] = (env_extra, [*(CONFIGS[config][1] or []), *overrides])
     proc = start(f"{config}*", model_dir, port)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -106,7 +146,8 @@ def run(name, model_dir, users, seconds) -> dict:
         over["admitted_per_s"] = round(int(over["codes"].get("200", 0)) / seconds, 1)
     finally:
         stop(proc)
-    res = {"run": name, "overrides": overrides, "backoff": backoff, "alone": alone, "c64": over}
+    res = {"run": name, "overrides": overrides, "env": env_extra, "backoff": backoff}
+    res.update(alone=alone, c64=over)
     res["ratio_p99"] = round(over["admitted_p99_ms"] / alone["admitted_p99_ms"], 2)
     res["load_average_1m"] = round(os.getloadavg()[0], 2)
     print(json.dumps(res), flush=True)

@@ -56,8 +56,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def bare_server(model_dir: str, port: int) -> None:
-    """Serve `serve.app.api` with uvicorn, the stages in this process (no Ray started)."""
+def bare_server(model_dir: str, port: int, overrides: list[str]) -> None:
+    """Serve `serve.app.api` with uvicorn, the stages in this process (no Ray started);
+    overrides: a.b=value on the run config (e.g. serve.max_running=2)."""
     import torch
     import uvicorn
 
@@ -67,9 +68,7 @@ def bare_server(model_dir: str, port: int) -> None:
     from serve.frontend import LocalStages
     from serve.stages import StageContext
 
-    run = load_config(
-        RunConfig, str(ROOT / CONFIG), []
-    )  # the serve/rerank sections jobs.serve uses
+    run = load_config(RunConfig, str(ROOT / CONFIG), overrides)  # as jobs.serve reads them
     cfg, rerank = run.serve, run.rerank
     torch.set_num_threads(cfg.torch_threads)
     ctx = StageContext(app_module.resolve_dir(model_dir), cfg, rerank, None)
@@ -80,8 +79,9 @@ def bare_server(model_dir: str, port: int) -> None:
 
 def start(name: str, model_dir: str, port: int) -> subprocess.Popen:
     env_extra, overrides = CONFIGS[name]
-    if overrides is None:
+    if name.startswith("bare"):  # overrides: None or a list for the bare server's config
         cmd = [sys.executable, __file__, "--bare-server", str(port), "--model-dir", model_dir]
+        cmd += [f"--set={o}" for o in overrides or []]
     else:
         cmd = [sys.executable, "-m", "jobs.serve", "--config", CONFIG, f"model_dir={model_dir}"]
         cmd += [f"serve.port={port}", *overrides]
@@ -199,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_throughput.json"))
     parser.add_argument("--bare-server", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server is not None:
-        bare_server(args.model_dir, args.bare_server)
+        bare_server(args.model_dir, args.bare_server, args.set)
         return 0
     from bench.serve_load import user_ids
 

@@ -13,6 +13,7 @@ from rec.model import ModelConfig
 from rec.rerank import RerankConfig
 from rec.train_config import TrainConfig
 from rl.config import EnvConfig
+from rl.online import ABConfig
 from rl.policy import PolicyConfig
 from rl.world import WorldConfig
 from serve.config import ServeConfig
@@ -75,6 +76,8 @@ class RunConfig:
     env: EnvConfig = field(default_factory=EnvConfig)
     # PPO training and evaluation of the lam policy (rl/policy.py).
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # Simulated users against the running Serve app over HTTP (rl/online.py): jobs.ab_test.
+    ab: ABConfig = field(default_factory=ABConfig)
     # The end-to-end job (jobs/pipeline.py): stages to skip, resume, how serving ends.
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 

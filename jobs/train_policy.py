@@ -9,14 +9,19 @@ r"""Learn a policy that picks the DPP diversity weight lam per slate, with RLlib
    session model of rl/session_fit.py, every parameter's provenance in world.json; "types",
    the calibrated focused/explorer user), then realism.json/.png: held-out users' logged
    sessions against their simulated ones (rl/realism.py).
-3. PPO on RLlib's new API stack (rl/train.py), env runners on Ray, training users only; the
-   episode return is printed each iteration.
-4. The RLModule and policy.json are published as a new version of output_dir (v-.../ with
-   MANIFEST.json, then CURRENT switches; loads without the Algorithm and verifies: `rl.policy`).
+   Users are split fit / tune / test (60/20/20 with policy.eval_fraction = 0.4): the user
+   model and PPO see the fit users, selection the tune users, the ladder reports on test.
+3. PPO on RLlib's new API stack (rl/train.py), env runners on Ray, fit users only, one run
+   per seed (policy.seeds), each early-stopped on its tune-user return.
+4. The seed with the best tune return is published: its RLModule and policy.json as a new
+   version of output_dir (v-.../ with MANIFEST.json, then CURRENT switches; loads without
+   the Algorithm and verifies: `rl.policy`).
 5. Evaluation on held-out users, the same seeded episodes for every arm: the policy, lam =
    0, 0.1, ..., 1 and a random lam -> policy_eval.json, policy_eval.png; then the ladder of
-   ceilings (rl/ladder.py) on tune / test halves of them -> policy_eval.json `ladder`.
-Expect a few minutes on 2 CPUs with the default 40 iterations.
+   ceilings (rl/ladder.py) on tune / test, every PPO seed reported -> policy_eval.json
+   `ladder`; and the ladder without PPO across the unidentified parameters
+   (rl/sensitivity.py) -> sensitivity.json / sensitivity.md.
+Expect ~10 min on 2 CPUs for Beauty with the defaults (5 seeds).
 """
 
 from __future__ import annotations
@@ -24,19 +29,22 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+
+import numpy as np
 
 from jobs.common import check_locations, init_ray, main_guard, parse_args
 from jobs.config import RunConfig
 from rec import artifacts, storage
 from rec.config_loader import ConfigError
 from rec.logs import get_logger
-from rl.arms import split_users
+from rl.arms import play, split_users
 from rl.ladder import halves, ladder
 from rl.policy import MODULE_DIR, LamPolicy, write_policy_meta
 from rl.realism import write_realism
 from rl.report import evaluate_arms, write_report
+from rl.sensitivity import markdown, sensitivity, write_sensitivity
 from rl.train import fit
 from rl.world import build_world, load_world, save_world
 from rl.world_fit import fit_user_model, realism_report
@@ -51,37 +59,49 @@ def run(cfg: RunConfig) -> dict:
     with storage.staged_dir(cfg.output_dir) as out:  # a local folder, uploaded to a URI at the end
         report = _run(cfg, out)
     published = [storage.join(cfg.output_dir, n) for n in ("policy_eval.json", artifacts.CURRENT)]
-    log.info("wrote %s, policy_eval.png, world.npz/json, realism.json/png", ", ".join(published))
+    log.info(
+        "wrote %s, policy_eval.png, world.npz/json, realism.json/png, sensitivity.json/md",
+        ", ".join(published),
+    )
     return report
 
 
 def _run(cfg: RunConfig, out) -> dict:
     pc = cfg.policy
     t0 = time.time()
-    data, world_ref, env_cfg, changed, (train_users, eval_users) = _world(cfg, out)
+    data, world_ref, env_cfg, fitted, (train_users, eval_users) = _world(cfg, out)
     log.info(
         f"world: {data.n_users} users x {data.candidates.shape[1]} candidates, "
-        f"{time.time() - t0:.0f} s; user model {env_cfg.user_model}: {changed}"
+        f"{time.time() - t0:.0f} s; user model {env_cfg.user_model}: {fitted['summary']}"
     )
+    tune, test = halves(eval_users, pc.seed)
     init_ray(cfg.ray)
     with tempfile.TemporaryDirectory(prefix="raydiv-policy-") as tmp:
-        curve = fit(pc, world_ref, env_cfg, train_users, Path(tmp) / MODULE_DIR, cfg.rerank)
-        extra = {"algorithm": "PPO", "calibrated": changed, "model_dir": str(cfg.model_dir)}
-        write_policy_meta(Path(tmp), env_cfg, extra)
+        seeds, curves, chosen = _train_seeds(cfg, data, world_ref, env_cfg, train_users, tune, tmp)
+        build = Path(tmp) / f"seed{chosen}"
+        extra = {"algorithm": "PPO", "calibrated": fitted["summary"], "seed": chosen}
+        write_policy_meta(build, env_cfg, extra | {"model_dir": str(cfg.model_dir)})
         dest = storage.absolute(cfg.output_dir)
         version = artifacts.publish(
-            tmp, dest, kind="policy", producer="jobs.train_policy", config=asdict(pc)
+            build, dest, kind="policy", producer="jobs.train_policy", config=asdict(pc)
         )
-    log.info("published the policy %s", version)
+    log.info("published the policy %s (seed %d, best tune return)", version, chosen)
     policy = LamPolicy.load(dest)  # the published module, verified, exactly as Serve loads it
     report = evaluate_arms(
         data, env_cfg, eval_users, policy.arm(), pc.eval_episodes, pc.seed + 10_000, cfg.rerank
     )
     if pc.ladder_states:
-        report["ladder"] = _ladder(cfg, data, env_cfg, eval_users, policy)
+        report["ladder"] = _ladder(cfg, data, env_cfg, (tune, test), seeds)
+    if pc.sensitivity.w_exp:
+        table = sensitivity(
+            data, env_cfg, train_users, tune, test, fitted["target"], fitted["min_events"],
+            pc.sensitivity, cfg.rerank,
+        )  # fmt: skip
+        write_sensitivity(table, out)
+        log.info("sensitivity (gains vs best fixed lam):\n%s", markdown(table))
     report["seconds"] = round(time.time() - t0, 1)
     report["user_model"] = env_cfg.user_model  # its fit and provenance: world.json
-    write_report(report, curve, out)
+    write_report(report | {"published_seed": chosen}, curves[chosen], out)
     log.info(
         f"policy {report['policy.mean_return']:.3f} vs best fixed lam "
         f"{report['best_fixed.lam']:.1f} {report['best_fixed.mean_return']:.3f}: gain "
@@ -91,19 +111,43 @@ def _run(cfg: RunConfig, out) -> dict:
     return report
 
 
+def _train_seeds(cfg: RunConfig, data, world_ref, env_cfg, train_users, tune, tmp):
+    """One early-stopped PPO run per seed -> ({seed: arm}, {seed: curve}, the seed with the
+    best tune return). Modules in tmp/seed<s>/rl_module."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    pc = cfg.policy
+
+    def on_tune(arm) -> float:  # the same seeded tune episodes for every iteration and seed
+        return float(play(data, env_cfg, tune, arm, pc.tune_episodes, pc.seed + 30_000,
+                          cfg.rerank).returns.mean())  # fmt: skip
+
+    arms, curves, scores = {}, {}, {}
+    for s in range(pc.seed, pc.seed + pc.seeds):
+        module_dir = Path(tmp) / f"seed{s}" / MODULE_DIR
+        run_cfg = replace(pc, seed=s)
+        curves[s] = fit(run_cfg, world_ref, env_cfg, train_users, module_dir, cfg.rerank, on_tune)
+        module = RLModule.from_checkpoint(str(module_dir.resolve()))
+        arms[s] = LamPolicy(module, env_cfg).arm()
+        scores[s] = max(r.get("tune_return", -np.inf) for r in curves[s])
+        log.info("PPO seed %d: best tune return %.3f", s, scores[s])
+    return arms, curves, max(scores, key=scores.get)
+
+
 def _world(cfg: RunConfig, out):
-    """Build and save the world, fit its simulated user on the training users, write
-    world.json and the realism report -> (data, world ref, env config, fitted summary,
-    (train users, held-out users))."""
+    """Build the world, fit its simulated user on the fit users, save it (with the fitted
+    item popularity), write world.json and the realism report -> (data, world ref, env
+    config, {"summary", "target", "min_events"}, (fit users, held-out users))."""
     pc = cfg.policy
     world = build_world(cfg.model_dir, cfg.world)
     world_path = save_world(world, out / "world.npz")
-    # Env runners (on any node) read the world from where it is published.
-    world_ref = _publish_world(world_path, cfg.output_dir)
     data = load_world(world_path, cfg.env.types, seed=pc.seed)
     split = split_users(data.n_users, pc.eval_fraction, pc.seed)
     env_cfg, model = fit_user_model(world, data, cfg.env, cfg.world, split[0], cfg.rerank)
     (out / "world.json").write_text(json.dumps(model, indent=2) + "\n")
+    world_path = save_world(world, world_path)  # now with what the fit added
+    # Env runners (on any node) read the world from where it is published.
+    world_ref = _publish_world(world_path, cfg.output_dir)
     data = load_world(world_path, env_cfg.types, seed=pc.seed)  # calibrated types
     if cfg.world.realism_episodes:
         realism = realism_report(
@@ -111,13 +155,19 @@ def _world(cfg: RunConfig, out):
         )
         write_realism(realism, out)
         log.info("realism: real-vs-simulated session AUC %.3f", realism["classifier_auc"])
-    return data, world_ref, env_cfg, model.get("calibrated") or model["session"], split
+    moments = model.get("moments", {})
+    fitted = {
+        "summary": model.get("calibrated") or model["session"],
+        "target": moments.get("target", {}),
+        "min_events": moments.get("min_events", 1),
+    }
+    return data, world_ref, env_cfg, fitted, split
 
 
-def _ladder(cfg: RunConfig, data, env_cfg, eval_users, policy: LamPolicy) -> dict:
-    """The ladder of ceilings on tune / test halves of the held-out users (rl/ladder.py)."""
+def _ladder(cfg: RunConfig, data, env_cfg, split, arms: dict) -> dict:
+    """The ladder of ceilings on the tune / test users (rl/ladder.py), every PPO seed."""
     pc = cfg.policy
-    tune, test = halves(eval_users, pc.seed)
+    tune, test = split
     lad = ladder(
         data,
         env_cfg,
@@ -126,10 +176,12 @@ def _ladder(cfg: RunConfig, data, env_cfg, eval_users, policy: LamPolicy) -> dic
         pc.eval_episodes,
         pc.seed + 20_000,
         n_states=pc.ladder_states,
-        policy=policy.arm(),
+        policies=arms,
+        oracle_episodes=pc.oracle_episodes,
+        rollouts=pc.ladder_rollouts,
         rerank_cfg=cfg.rerank,
     )
-    rungs = ("per_type_oracle", "context_ceiling", "ppo")
+    rungs = ("per_type_oracle", "context_ceiling", "full_oracle", "ppo")
     parts = [
         f"{r} {100 * lad[r]['gain']:+.1f}% [{100 * lad[r]['gain_ci95'][0]:+.1f}, "
         f"{100 * lad[r]['gain_ci95'][1]:+.1f}]"

@@ -1,7 +1,9 @@
 """The relevance-diversity frontier: score once, re-rank many times, measure every list.
 
-For every test user the model scores the whole catalogue once (`Recommender.score_next`);
-the top `rerank.n_candidates` become the candidate pool, and each method in {none, mmr, dpp}
+For every test user the model scores the whole catalogue once, chunk by chunk over the items
+(`Recommender.next_item_scores` over `frontier.item_chunk` items at a time, a running top-n
+merged as rec/evaluation.py does, so no users x items matrix exists at 4M items); the top
+`rerank.n_candidates` become the candidate pool, and each method in {none, mmr, dpp}
 (`rec.rerank.rerank` under the run's `rerank:` section) picks a list of `k` from that pool at
 every lam of the grid. Each list is
 measured with rec/metrics.py's definitions:
@@ -25,6 +27,7 @@ puts one of them first). No Ray here: a single-process torch + numpy loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -35,6 +38,7 @@ import torch
 from rec.config_loader import ConfigError
 from rec.data.batch import SCORE_BATCH_SIZE, collate, length_batches
 from rec.data.splits import ItemTables, load_examples, load_item_tables
+from rec.evaluation import DEFAULT_ITEM_CHUNK, _empty_top, _merge_top
 from rec.export import load_export
 from rec.logs import progress
 from rec.metrics import (
@@ -82,6 +86,8 @@ class FrontierConfig:
     protocol: Literal["unseen", "full"] = "unseen"
     # Users scored per forward pass.
     batch_size: int = SCORE_BATCH_SIZE
+    # Items scored at once (the candidate pool is merged over chunks; memory B x item_chunk).
+    item_chunk: int = DEFAULT_ITEM_CHUNK
     # Evaluate a random subset of this many test users (quick runs); None = all of them.
     max_users: int | None = None
     # Seed of that subset.
@@ -105,6 +111,8 @@ class FrontierConfig:
             raise ValueError(f"frontier.k must be >= 1, got {self.k!r}")
         if self.batch_size < 1:
             raise ValueError(f"frontier.batch_size must be >= 1, got {self.batch_size!r}")
+        if self.item_chunk < 1:
+            raise ValueError(f"frontier.item_chunk must be >= 1, got {self.item_chunk!r}")
         if self.max_users is not None and self.max_users < 1:
             raise ValueError(f"frontier.max_users must be >= 1 or null, got {self.max_users!r}")
         if self.identity_mix is not None and not 0.0 <= self.identity_mix < 1.0:
@@ -142,21 +150,45 @@ class Candidates:
     targets: torch.Tensor  # (B,) int64 held-out next item
 
 
+# Scores of one batch for items lo..hi-1: (lo, hi) -> (B, hi - lo), as `score_next` gives them.
+ChunkScores = Callable[[int, int], torch.Tensor]
+
+
 def candidate_pool(
-    scores: torch.Tensor, targets: torch.Tensor, history: torch.Tensor, n: int, protocol: str
+    chunk: ChunkScores,
+    n_items: int,
+    targets: torch.Tensor,
+    history: torch.Tensor,
+    n: int,
+    protocol: str,
+    item_chunk: int = DEFAULT_ITEM_CHUNK,
 ) -> Candidates:
-    """(B, n_items + 1) scores -> the top-n items; with protocol "unseen" history is excluded
-    exactly as `RankingEvaluator` does (`exclusion_set`: the target itself stays rankable)."""
-    if protocol == "unseen":
-        scores = scores.clone()
-        scores.scatter_(1, exclusion_set(history, targets), float("-inf"))  # col 0 is -inf anyway
-    top = scores[:, 1:].topk(n, dim=1)  # (B, n), sorted
-    if not bool(torch.isfinite(top.values).all()):
+    """The top-n of items 1..n_items, scored `item_chunk` at a time with a running top-n (only
+    one (B, item_chunk) block exists); with protocol "unseen" history is excluded exactly as
+    `RankingEvaluator` does (`exclusion_set`: the target itself stays rankable)."""
+    exclude = exclusion_set(history, targets) if protocol == "unseen" else None  # (B, T)
+    top = _empty_top(len(targets), n, torch.empty(0))
+    for lo in range(1, n_items + 1, item_chunk):
+        hi = min(lo + item_chunk, n_items + 1)
+        s = chunk(lo, hi).float()  # (B, C)
+        if exclude is not None:
+            s = s.masked_fill(_in_chunk(exclude, lo, hi), float("-inf"))
+        top = _merge_top(top, s, lo, n)  # values (B, <=n) sorted, item ids (B, <=n)
+    if top[0].shape[1] < n or not bool(torch.isfinite(top[0]).all()):
         raise ConfigError(
             f"rerank.n_candidates={n}: fewer finite-scored items than that remain after "
             "removing the history; lower n_candidates"
         )
-    return Candidates(top.indices + 1, top.values, targets)
+    return Candidates(top[1], top[0], targets)
+
+
+def _in_chunk(exclude: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(B, hi - lo) bool: the chunk's columns whose item is in the row's exclusion set."""
+    inside = (exclude >= lo) & (exclude < hi)  # (B, T); 0 (none) is never inside
+    mask = torch.zeros(len(exclude), hi - lo, dtype=torch.bool)
+    rows = torch.arange(len(exclude))[:, None].expand_as(exclude)
+    mask[rows[inside], exclude[inside] - lo] = True
+    return mask
 
 
 def kernel_inputs(
@@ -249,7 +281,8 @@ def sweep(
     """Score every example once, re-rank each batch with every (method, lam) under `measured`
     (`cfg.measured(rerank)`); mean metrics."""
     model.eval()
-    item_table = model.model.item_embeddings().float()  # (n_items + 1, D)
+    table = model.item_table()  # (n_items + 1, D), once; scores use it as score_next does
+    item_table = table.float()
     categories = dedupe_categories(torch.as_tensor(tables.categories).long())  # (n_items + 1, C)
     self_info = self_information(torch.as_tensor(tables.train_counts))
     settings = cfg.settings()
@@ -257,9 +290,16 @@ def sweep(
     n_batches = -(-len(examples["items"]) // cfg.batch_size)
     batches = length_batches(collate(examples), cfg.batch_size)
     for _, batch in progress(batches, n_batches, "frontier"):
-        targets = batch.targets[:, -1]  # (B,)
-        scores = model.score_next(batch)  # (B, n_items + 1)
-        cands = candidate_pool(scores, targets, batch.items, measured.n_candidates, cfg.protocol)
+        targets = batch.targets[:, -1].long()  # (B,)
+        cands = candidate_pool(
+            _chunk_scores(model, table, batch),
+            tables.n_items,
+            targets,
+            batch.items.long(),
+            measured.n_candidates,
+            cfg.protocol,
+            cfg.item_chunk,
+        )
         kernel = kernel_inputs(cands, measured, item_table, categories)
         ref = list_metrics(cands.items[:, : cfg.k], targets, categories, item_table, self_info)
         for method, lam in settings:
@@ -273,6 +313,12 @@ def sweep(
             )
             acc[(method, lam)].update(per_user, lists, ref[f"ndcg@{cfg.k}"])
     return {s: a.compute() for s, a in acc.items()}
+
+
+def _chunk_scores(model: Recommender, table: torch.Tensor, batch) -> ChunkScores:
+    """The model's own interest logits (`Recommender.next_item_scores`) by item range."""
+    h = model.user_embedding(batch, table)  # (B, D)
+    return lambda lo, hi: model.next_item_scores(h, batch.items, table, lo, hi)
 
 
 def summarize(

@@ -104,6 +104,22 @@ def in_history(history: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     return (keys[pos] == query.flatten()).view_as(cand) & (cand > 0)
 
 
+def in_history_shared(history: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`in_history(history, ids.expand(P, K))` for candidates shared by every row, without
+    the (P, K) searches: (P, T) item ids (0 = none), (K,) ids (repeats allowed) -> (P, K).
+
+    Looks each history item up among the K ids (P x T searches in a sorted K-vector) and
+    gathers the answer per column; `in_history` on the expanded ids searches P x K keys in a
+    (P x T)-key vector, ~40x the work at P = 6k positions and K = 2,048 negatives.
+    """
+    uniq, column = torch.unique(ids, return_inverse=True)  # (U,), (K,)
+    pos = torch.searchsorted(uniq, history).clamp(max=len(uniq) - 1)  # (P, T)
+    hit = (uniq[pos] == history) & (history > 0)  # (P, T)
+    found = torch.zeros(len(history), len(uniq) + 1, dtype=torch.bool, device=history.device)
+    found.scatter_(1, torch.where(hit, pos, len(uniq)), True)  # misses land in the last column
+    return found[:, column] & (ids > 0)  # (P, K)
+
+
 def causal_history(items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, T) input items, (B, T) positions with a target -> (P, T): the items at positions
     <= t for each of the P positions (0 elsewhere): what the item at t + 1 could repeat."""
@@ -134,7 +150,7 @@ def interest_sampled_loss(
     neg = h @ neg_vecs.T - log_q[neg_ids]  # (P, K)
     if repeat_logit is not None and history is not None:
         pos = pos + repeat_logit * in_history(history, targets.unsqueeze(1)).squeeze(1)
-        neg = neg + repeat_logit * in_history(history, neg_ids.expand(len(h), -1))
+        neg = neg + repeat_logit * in_history_shared(history, neg_ids)  # (P, K)
     neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))  # (P, K)
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)  # (P, 1 + K)
     zeros = torch.zeros(len(targets), dtype=torch.long, device=h.device)  # (P,) positive = 0

@@ -5,7 +5,8 @@ Stages (each a Ray Data job over many tasks; the driver only sees small summarie
   1. ingest     read chunks in parallel, validate rows (bad ones to quarantine/ with their
                 reason), hash-partition valid events by user into _staging/bucket=N/
   2. clean      per bucket: dedupe, sort by time, drop users too short to split; partial
-                item counts stream back and are merged on the driver into the vocabularies
+                item counts are written split by a hash of the item and merged per item part
+                on workers; the driver gets one row per item and builds the vocabularies
   3. k-core     optional: repeated passes over the buckets until users and items are stable
   4. sequences  per bucket: vocabulary indices, per-user lists, leave-last-out views written
                 to train/ valid/ test/
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import resource
 import tempfile
 import time
 from dataclasses import replace
@@ -37,7 +39,8 @@ from rec.data.config import DataConfig
 from rec.data.textio import DataError, file_size
 
 BUCKET_BYTES = 64 << 20  # raw input bytes per user bucket, roughly
-MERGE_EVERY = 16  # partial item-stat tables merged on the driver at a time
+ITEM_STATS_SCHEMA = {"item_id": pl.Int64, "count": pl.Int64, "category_ids": pl.List(pl.Int64)}
+BUCKETS_PER_ITEM_PART = 8  # item-stat merge tasks: one per this many user buckets
 MIN_BUCKETS = 8  # tasks per stage on small inputs, whatever the cluster's size
 
 
@@ -73,20 +76,26 @@ def _run(cfg: DataConfig, root: str, out: str) -> dict:
         _log(
             f"{len(plan.chunks)} read chunks from {len(plan.files)} file(s), {n_buckets} user buckets"
         )
-        _ingest(plan, cfg, out, n_buckets)
+        with _stage("ingest"):
+            _ingest(plan, cfg, out, n_buckets)
         staged = storage.listdir(storage.join(out, "_staging"))
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in staged]
         buckets = sorted(int(n.split("=")[1]) for n in names if n.startswith("bucket="))
         if not buckets:
             counts = outputs.quarantine_counts(out)
             raise DataError(f"{cfg.path}: no valid events; quarantined rows by reason: {counts}")
-        stats, clean_info = _clean(buckets, cfg, out)
+        with _stage("clean + item counts"):
+            stats, clean_info = _clean(buckets, cfg, out)
         if cfg.kcore:
-            stats = _kcore(buckets, stats, cfg, out)
-        items, cats = sequences.build_vocab(stats)
-        outputs.write_vocab(out, items, cats)
-        _log(f"vocabulary: {items.height} items, {cats.height} categories")
-        _sequences(buckets, cfg, out)
+            with _stage("k-core"):
+                stats = _kcore(buckets, stats, cfg, out)
+        with _stage("vocabulary"):
+            items, cats = sequences.build_vocab(stats)
+            outputs.write_vocab(out, items, cats)
+            _log(f"vocabulary: {items.height} items, {cats.height} categories")
+        del stats, items, cats  # the driver keeps nothing per item through the last stage
+        with _stage("sequences"):
+            _sequences(buckets, cfg, out)
     except Exception as err:
         cause = _data_error(err)
         if cause is not None:
@@ -135,20 +144,57 @@ def _ingest_chunk(batch: pa.Table, plan: readers.Plan, cfg: DataConfig, out: str
 
 
 def _clean(buckets: list[int], cfg: DataConfig, out: str) -> tuple[pl.DataFrame, dict]:
-    parts = _over_buckets(buckets, _clean_bucket, {"cfg": cfg, "out": out})
-    merged, pending = None, []
-    for batch in parts.iter_batches(batch_format="pyarrow", batch_size=None):
-        pending.append(pl.from_arrow(batch))
-        if len(pending) >= MERGE_EVERY:
-            merged = _merge([merged, *pending] if merged is not None else pending)
-            pending = []
-    merged = _merge([merged, *pending] if merged is not None else pending)
+    stats = _item_stats(buckets, _clean_bucket, {"cfg": cfg}, out, "clean")
     info: dict[str, int] = {}
     for b in buckets:
         text = storage.read_text(storage.join(out, "_clean", f"bucket-{b:05d}.json"))
         for key, value in json.loads(text).items():
             info[key] = info.get(key, 0) + value
-    return merged.sort("item_id"), info
+    return stats, info
+
+
+def _item_stats(buckets: list[int], per_bucket, kwargs: dict, out: str, tag: str) -> pl.DataFrame:
+    """Item stats over all buckets, sorted by item_id: each bucket task's partial counts
+    (`per_bucket(bucket, out=..., **kwargs)` -> item_id, count, category_ids) are written split
+    into item parts by a hash of the item, and one task per part merges them. The driver
+    only receives the merged rows, one per item: at 100M events the partials are ~10x the
+    catalogue and merging them on the driver took it past 2 GB (bench/README.md, Scale)."""
+    n_parts = max(1, math.ceil(len(buckets) / BUCKETS_PER_ITEM_PART))
+    written = _over_buckets(
+        buckets,
+        _write_item_parts,
+        {"per_bucket": per_bucket, "kwargs": kwargs, "out": out, "tag": tag, "n_parts": n_parts},
+    )
+    for _ in written.iter_batches(batch_format="pyarrow", batch_size=None):
+        pass
+    parts = ray.data.from_items([{"part": p} for p in range(n_parts)], override_num_blocks=n_parts)
+    merged = parts.map_batches(
+        _merge_item_part, batch_size=1, batch_format="pyarrow", fn_kwargs={"out": out, "tag": tag}
+    )
+    frames = [
+        pl.from_arrow(b) for b in merged.iter_batches(batch_format="pyarrow", batch_size=None)
+    ]
+    if not frames:  # no user long enough anywhere: an empty vocabulary
+        return pl.DataFrame(schema={**ITEM_STATS_SCHEMA, "bucket": pl.Int32})
+    return pl.concat(frames).sort("item_id")
+
+
+def _write_item_parts(batch: pa.Table, per_bucket, kwargs: dict, out: str, tag: str, n_parts: int):
+    bucket = batch["bucket"][0].as_py()
+    stats = per_bucket(bucket, out=out, **kwargs).with_columns(
+        pl.lit(bucket, pl.Int32).alias("bucket"),
+        (pl.col("item_id").hash(seed=29) % n_parts).cast(pl.Int32).alias("part"),
+    )
+    for (part,), frame in stats.partition_by("part", as_dict=True, include_key=False).items():
+        path = storage.join(out, "_items", tag, f"part-{part:04d}", f"bucket-{bucket:05d}.parquet")
+        storage.write_parquet(frame, path)
+    return pa.table({"bucket": [bucket]})
+
+
+def _merge_item_part(batch: pa.Table, out: str, tag: str):
+    part = storage.join(out, "_items", tag, f"part-{batch['part'][0].as_py():04d}")
+    if storage.exists(part):  # else no bucket had an item hashing here (tiny inputs)
+        yield _merge([storage.read_parquet(part)]).to_arrow()
 
 
 def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -164,17 +210,12 @@ def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
     )
 
 
-def _clean_bucket(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
-    bucket = batch["bucket"][0].as_py()
+def _clean_bucket(bucket: int, cfg: DataConfig, out: str) -> pl.DataFrame:
     events = storage.read_parquet(storage.join(out, "_staging", f"bucket={bucket}"))
     events, info = sequences.clean_bucket(events, cfg.dedupe, cfg.min_user_events)
     storage.write_parquet(events, storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
     storage.write_text(storage.join(out, "_clean", f"bucket-{bucket:05d}.json"), json.dumps(info))
-    return (
-        sequences.item_stats(events)
-        .with_columns(pl.lit(bucket, pl.Int32).alias("bucket"))
-        .to_arrow()
-    )
+    return sequences.item_stats(events)
 
 
 def _kcore(buckets: list[int], stats: pl.DataFrame, cfg: DataConfig, out: str) -> pl.DataFrame:
@@ -183,25 +224,20 @@ def _kcore(buckets: list[int], stats: pl.DataFrame, cfg: DataConfig, out: str) -
     for it in range(100):
         path = storage.join(out, "_clean", f"kcore-items-{it}.parquet")
         storage.write_parquet(items.select("item_id"), path)
-        parts = _over_buckets(buckets, _kcore_bucket, {"cfg": cfg, "out": out, "items_path": path})
-        counts = _merge(
-            [pl.from_arrow(b) for b in parts.iter_batches(batch_format="pyarrow", batch_size=None)]
-        )
+        kwargs = {"cfg": cfg, "items_path": path}
+        counts = _item_stats(buckets, _kcore_bucket, kwargs, out, f"kcore-{it}")
         new = counts.filter(pl.col("count") >= k)
         _log(f"k-core pass {it + 1}: {new.height} items (k={k})")
         if new.height == items.height and new.height == counts.height:
-            return new.drop("bucket").sort("item_id")
+            return new.drop("bucket")
         items = new
     raise RuntimeError(f"k-core filtering did not converge in 100 passes (k={k})")
 
 
-def _kcore_bucket(batch: pa.Table, cfg: DataConfig, out: str, items_path: str) -> pa.Table:
-    bucket = batch["bucket"][0].as_py()
+def _kcore_bucket(bucket: int, cfg: DataConfig, out: str, items_path: str) -> pl.DataFrame:
     events = storage.read_parquet(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
-    counts = sequences.kcore_counts(
-        events, storage.read_parquet(items_path), cfg.kcore, cfg.min_user_events
-    )
-    return counts.with_columns(pl.lit(bucket, pl.Int32).alias("bucket")).to_arrow()
+    items = storage.read_parquet(items_path)
+    return sequences.kcore_counts(events, items, cfg.kcore, cfg.min_user_events)
 
 
 def _sequences(buckets: list[int], cfg: DataConfig, out: str) -> None:
@@ -271,6 +307,15 @@ def _data_error(err: BaseException) -> DataError | None:
             return err
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    """Log a stage's seconds and the driver's peak RSS so far (where time and memory go)."""
+    t0 = time.perf_counter()
+    yield
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+    _log(f"{name}: {time.perf_counter() - t0:.1f} s (driver peak RSS {peak} MB)")
 
 
 def _log(msg: str) -> None:

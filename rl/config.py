@@ -119,6 +119,14 @@ class SessionConfig:
     leave_streak: float = 0.5
     leave_concentration: float = 0.0
     leave_utility: float = -0.2
+    # Utility per unit of the item's standardised log popularity (the fit users' event counts):
+    # fitted so that simulated clicks are as popular as the fit users' logged events
+    # (rl/moments.py); 0 = popularity only through the ground truth and the ranker's order.
+    popularity_weight: float = 0.0
+    # Added to both intents' stickiness logit(stay_I): a slate holds few items of the last
+    # category, so logit(stay_I) alone under-shoots P(stay); fitted to the fit users' logged
+    # repeat rate (rl/moments.py).
+    stick_offset: float = 0.0
 
 
 @dataclass

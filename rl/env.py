@@ -165,7 +165,11 @@ class DiversityEnv(gym.Env):
         picks = rerank(self._user_scores[None, avail], self.cfg.k, lam, self.rerank_cfg, **kernel)
         slate = avail[picks[0]]  # (k,) candidate positions in slate order
         cats, weights = self._cats[slate], self._cat_w[slate]  # (k, C), (k, C)
-        resp = self.user.respond(self._user_aff[slate], cats, weights, self.np_random)
+        if self._user_pop is None:
+            resp = self.user.respond(self._user_aff[slate], cats, weights, self.np_random)
+        else:  # the session user's popularity term
+            pop = self._user_pop[slate]
+            resp = self.user.respond(self._user_aff[slate], cats, weights, self.np_random, pop)
         self._free[slate] = False
         self._n_free -= len(slate)
         self._t += 1
@@ -211,6 +215,10 @@ class DiversityEnv(gym.Env):
         self._sim = kernel["similarity"][0] if "similarity" in kernel else None
         self._cat_w = self._weights[self._item_ids]  # (N, C)
         self._user_aff = self._aff[u]  # (N,)
+        pop = d.item_popularity if self.cfg.user_model == "session" else None
+        # centred on the user's candidates: the term moves clicks between items, not the
+        # overall click rate (set by no_click and the leaving hazard)
+        self._user_pop = None if pop is None else pop[self._item_ids] - pop[self._item_ids].mean()
         if self.cfg.user_model == "session":
             self.user.start(d.types, u, self.np_random)  # the intent draw is seeded too
         else:

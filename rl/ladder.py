@@ -8,12 +8,19 @@ seed + e, the same user and random stream: common random numbers), chosen on the
   - best_fixed: the lam of the grid with the best mean return on the tune users;
   - per_type_oracle: each hidden type (the session user's starting intent; the
     focused/explorer type of the "types" user) gets its own best fixed lam (chosen on tune);
-  - context_ceiling: per request, the return-to-go of every lam is measured by rollouts from
-    the same state (state copied, random stream included; the best fixed lam afterwards);
+  - context_ceiling: per request, the return-to-go of every lam is measured by `rollouts`
+    rollouts from the same state (state copied; the first on the episode's own random
+    stream, the others on fresh ones shared by every lam; the best fixed lam afterwards);
     a ridge regression from the policy's observation (quadratic features) predicts each lam's
     advantage, and the greedy policy on its predictions plays the test episodes. Its R^2
     (held-out states) says how much of the per-request best lam the observation explains;
-  - ppo: the given policy arm, if any.
+  - ppo: the given policy arms (one per PPO seed, each reported; the rung is their mean);
+  - full_oracle: the context ceiling's regressor given the hidden state too (intent,
+    sensitivity, leave hazard; the typed user's parameters), on the first `oracle_episodes`
+    test episodes: what knowing what the observation hides is worth. Both regression rungs
+    are kept only where they beat the best fixed lam on the tune users' own episodes;
+    otherwise the rung is the best fixed lam (gain 0, `regression_kept` false); ppo_share_of_context_ceiling = PPO's gain /
+    the context ceiling's gain (NaN where the ceiling is not above best fixed).
 Means carry 95 % normal CIs; gains over best_fixed carry cluster-bootstrap CIs over users
 (episodes of one user are not independent).
 """
@@ -76,30 +83,47 @@ def rollout_values(
     n_states: int,
     seed: int,
     rerank_cfg=None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """States visited by the base lam on `users` -> (S, 12) observations, (S, 11) return-to-go
-    of each grid lam played once there (then base_lam), (S,) the state's user."""
+    rollouts: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """States visited by the base lam on `users` -> (S, 12) observations, (S, H) hidden state
+    (`hidden_state`), (S, 11) return-to-go of each grid lam played once there (then
+    base_lam), (S,) the state's user."""
     env = DiversityEnv(
         data, replace(cfg, action_mode="continuous"), users=users, rerank_cfg=rerank_cfg
     )
     base = np.array([base_lam], np.float32)
-    obs_out, val_out, user_out, e = [], [], [], 0
+    obs_out, hid_out, val_out, user_out, e = [], [], [], [], 0
     while len(obs_out) < n_states:
         obs, info = env.reset(seed=seed + e)
         e, done = e + 1, False
         while not done and len(obs_out) < n_states:
             snap = _copy_state(env.__dict__)
             row = np.zeros(len(GRID))
-            for i, lam in enumerate(GRID):
-                env.__dict__.update(_copy_state(snap))
-                row[i] = _return_to_go(env, lam, base)
+            for r in range(rollouts):  # r > 0: fresh streams, the same for every lam
+                for i, lam in enumerate(GRID):
+                    env.__dict__.update(_copy_state(snap))
+                    if r:
+                        env._np_random = np.random.default_rng([seed, e, len(obs_out), r])
+                    row[i] += _return_to_go(env, lam, base) / rollouts
             env.__dict__.update(snap)
             obs_out.append(obs)
+            hid_out.append(hidden_state(env))
             val_out.append(row)
             user_out.append(info["user"])
             obs, _, te, tr, _ = env.step(base)
             done = te or tr
-    return np.array(obs_out), np.array(val_out), np.array(user_out)
+    return np.array(obs_out), np.array(hid_out), np.array(val_out), np.array(user_out)
+
+
+def hidden_state(env: DiversityEnv) -> np.ndarray:
+    """What the observation hides: the session user's intent, sensitivity, leave probability,
+    whether a run is going on and its strongest satiation; the typed user's parameters."""
+    u = env.user
+    if env.cfg.user_model == "session":
+        run = float(u.run_category > 0)
+        return np.array([u.intent, u.sensitivity, u.leave_prob, run, u.satiation.max()])
+    explorer = float(env.data.types.explorer[env._u])
+    return np.array([explorer, u.sensitivity, u.decay, u.preference, u.no_click, u.continue_prob])
 
 
 def _return_to_go(env: DiversityEnv, lam: float, base: np.ndarray) -> float:
@@ -155,14 +179,18 @@ def ladder(
     seed: int,
     *,
     n_states: int = 400,
-    policy: Arm | None = None,
+    policies: dict[int, Arm] | None = None,
+    oracle_episodes: int = 100,
+    rollouts: int = 4,
     rerank_cfg=None,
 ) -> dict:
-    """The rungs of the module docstring -> a JSON-ready dict (policy_eval.json `ladder`)."""
+    """The rungs of the module docstring -> a JSON-ready dict (policy_eval.json `ladder`);
+    policies: PPO seed -> its arm (each reported; the ppo rung is their mean)."""
     tune_seed, test_seed = seed, seed + 50_000
+    args = (data, cfg)
 
     def grid_results(users, s):
-        return {lam: play(data, cfg, users, fixed(lam), episodes, s, rerank_cfg) for lam in GRID}
+        return {lam: play(*args, users, fixed(lam), episodes, s, rerank_cfg) for lam in GRID}
 
     tune, test = grid_results(tune_users, tune_seed), grid_results(test_users, test_seed)
     best_lam = float(max(GRID, key=lambda lam: tune[lam].returns.mean()))
@@ -174,10 +202,59 @@ def ladder(
             "episodes": episodes,
         },
         "best_fixed": {"lam": best_lam} | _summary(best, best, seed),
+        "per_type_oracle": _per_type(args, tune, test, best_lam, tune_users, test_users, seed),
     }
-    # per-type oracle: each hidden type's best fixed lam, chosen on the tune users
+    split, states = (tune_users, test_users), (n_states, rollouts)
+    out["context_ceiling"] = _context(args, split, tune[best_lam], best, states, seed, rerank_cfg)
+    out["context_ceiling_beats_best_fixed"] = out["context_ceiling"]["gain_ci95"][0] > 0
+    n_or = min(oracle_episodes, episodes)
+    out["full_oracle"] = _context(
+        args, split, _head(tune[best_lam], n_or), _head(best, n_or), states, seed,
+        rerank_cfg, hidden=True,
+    )  # fmt: skip
+    if policies:
+        out["ppo"] = _ppo(args, test_users, policies, best, episodes, test_seed, rerank_cfg, seed)
+        ceiling = out["context_ceiling"]["gain"]
+        out["ppo_share_of_context_ceiling"] = (
+            out["ppo"]["gain"] / ceiling if ceiling > 0 else float("nan")
+        )
+    return out
+
+
+def play_env(data, cfg, users, choose, episodes, seed, rerank_cfg=None) -> ArmResult:
+    """As rl.arms.play, the chooser seeing the env too: choose(env, obs) -> lam (a rung that
+    reads the hidden state)."""
+    env = DiversityEnv(
+        data, replace(cfg, action_mode="continuous"), users=users, rerank_cfg=rerank_cfg
+    )
+    out = np.zeros((6, episodes))
+    for e in range(episodes):
+        ob, info = env.reset(seed=seed + e)
+        done, ret, clicks, steps, ild, lam_sum = False, 0.0, 0, 0, 0.0, 0.0
+        while not done:
+            lam = float(choose(env, ob))
+            ob, reward, te, tr, info = env.step(np.array([lam], np.float32))
+            ret, clicks, steps = ret + reward, clicks + info["clicks"], steps + 1
+            ild, lam_sum, done = ild + info["ild"], lam_sum + lam, te or tr
+        out[:, e] = (ret, clicks, steps, ild / steps, lam_sum / steps, info["user"])
+    return ArmResult(*out[:5], users=out[5].astype(np.int64))
+
+
+def _head(r: ArmResult, n: int) -> ArmResult:
+    """The first n episodes of an arm's result (paired with an arm that played only those)."""
+    return ArmResult(
+        *(getattr(r, f)[:n] for f in ("returns", "clicks", "lengths", "ild", "lam", "users"))
+    )
+
+
+def _per_type(args, tune, test, best_lam, tune_users, test_users, seed) -> dict:
+    """Each hidden type's best fixed lam, chosen on the tune users, played on the test users."""
+    data, cfg = args
+    episodes = len(tune[best_lam].returns)
+    tune_seed, test_seed = seed, seed + 50_000
     t_tune = episode_types(data, cfg, tune_users, episodes, tune_seed)
     t_test = episode_types(data, cfg, test_users, episodes, test_seed)
+    best = test[best_lam]
     oracle = replace(best, returns=best.returns.copy())
     per_type = {}
     for typ in np.unique(np.concatenate([t_tune, t_test])):
@@ -189,26 +266,70 @@ def ladder(
         )
         per_type[str(int(typ))] = lam
         oracle.returns[t_test == typ] = test[lam].returns[t_test == typ]
-    out["per_type_oracle"] = {"lam_by_type": per_type} | _summary(oracle, best, seed)
-    # observable-context ceiling: rollouts on tune users, ridge policy, played on test
-    obs, val, who = rollout_values(data, cfg, tune_users, best_lam, n_states, tune_seed, rerank_cfg)
+    return {"lam_by_type": per_type} | _summary(oracle, best, seed)
+
+
+def _context(args, split, tune_best, best, states, seed, rerank_cfg, hidden=False) -> dict:
+    """Rollouts on the tune users (their own episodes), a ridge policy on the observation
+    (with `hidden`: plus the hidden state, z-scored), kept only if it beats the best fixed
+    lam on the tune users' episodes (else the rung is the best fixed lam: a noisy regression
+    must not pass for a ceiling), then played on the first len(best) test episodes."""
+    (data, cfg), (tune_users, test_users) = args, split
+    best_lam = float(tune_best.lam[0])
+    tune_seed, test_seed = seed, seed + 50_000
+    n_states, rollouts = states
+    obs, hid, val, who = rollout_values(
+        data, cfg, tune_users, best_lam, n_states, tune_seed + 7_919, rerank_cfg, rollouts
+    )
+    mu, sd = hid.mean(0), hid.std(0) + 1e-9
+    x = np.column_stack([obs, (hid - mu) / sd]) if hidden else obs
     half = np.isin(who, np.unique(who)[::2])
-    r2 = r_squared(obs[~half], val[~half], fit_advantage(obs[half], val[half]))
-    coef = fit_advantage(obs, val)
-    ctx = play(data, cfg, test_users, greedy_arm(coef), episodes, test_seed, rerank_cfg)
-    gap = val.max(1) - val[:, list(GRID).index(best_lam)]
-    out["context_ceiling"] = _summary(ctx, best, seed) | {
+    r2 = r_squared(x[~half], val[~half], fit_advantage(x[half], val[half]))
+    coef = fit_advantage(x, val)
+
+    def choose(env, ob):
+        row = np.concatenate([ob, (hidden_state(env) - mu) / sd]) if hidden else ob
+        return GRID[int(np.argmax(quad_features(row[None]) @ coef))]
+
+    n = len(best.returns)
+    on_tune = play_env(data, cfg, tune_users, choose, len(tune_best.returns), tune_seed, rerank_cfg)
+    kept = bool(on_tune.returns.mean() > tune_best.returns.mean())
+    result = play_env(data, cfg, test_users, choose, n, test_seed, rerank_cfg) if kept else best
+    gap = val.max(1) - val[:, int(np.argmin(np.abs(GRID - best_lam)))]
+    return _summary(result, best, seed) | {
         "r2_heldout_states": r2,
         "states": int(len(obs)),
-        "mean_lam": float(ctx.lam.mean()),
+        "rollouts_per_state": rollouts,
+        "mean_lam": float(result.lam.mean()),
+        "regression_kept": kept,  # False: it lost to the best fixed lam on the tune users
+        "tune_gain": float(on_tune.returns.mean() / tune_best.returns.mean() - 1.0),
+        "episodes": n,
         # optimistic: the max over 11 single noisy rollouts, an upper bound, not a policy
         "rollout_max_gain_optimistic": float(gap.mean() / max(val.mean(), 1e-12)),
     }
-    ceiling_gain = out["context_ceiling"]["gain"]
-    out["context_ceiling_beats_best_fixed"] = out["context_ceiling"]["gain_ci95"][0] > 0
-    if policy is not None:
-        ppo = play(data, cfg, test_users, policy, episodes, test_seed, rerank_cfg)
-        out["ppo"] = _summary(ppo, best, seed) | {"seeds": 1}
-        share = out["ppo"]["gain"] / ceiling_gain if ceiling_gain > 0 else float("nan")
-        out["ppo_share_of_context_ceiling"] = share
-    return out
+
+
+def _ppo(args, test_users, policies, best, episodes, test_seed, rerank_cfg, seed) -> dict:
+    """Every PPO seed on the test episodes; the rung is the mean over seeds (the selected,
+    published seed is the job's)."""
+    data, cfg = args
+    per_seed, gains = {}, []
+    for s, arm in policies.items():
+        r = play(data, cfg, test_users, arm, episodes, test_seed, rerank_cfg)
+        per_seed[str(s)] = _summary(r, best, seed) | {"mean_lam": float(r.lam.mean())}
+        gains.append(r.returns - best.returns)
+    diff = np.mean(gains, axis=0)  # per episode, averaged over seeds
+    base = float(best.returns.mean())
+    lo, hi = cluster_ci(diff, best.users, seed=seed)
+    mean, half = mean_ci(best.returns + diff)
+    worst = min(v["gain_ci95"][1] for v in per_seed.values())
+    return {
+        "mean": mean,
+        "ci95": half,
+        "gain": float(diff.mean()) / base,
+        "gain_ci95": [lo / base, hi / base],
+        "seeds": len(policies),
+        "per_seed": per_seed,
+        # the target: no seed below the best fixed lam beyond its CI
+        "any_seed_worse_than_best_fixed": bool(worst < 0),
+    }

@@ -23,6 +23,7 @@ from rec import artifacts, storage
 from rec.config_loader import from_dict
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.env import OBS_FIELDS
+from rl.sensitivity import SensitivityConfig
 
 POLICY_FORMAT = "raydiv-policy/1"
 MODULE_DIR = "rl_module"
@@ -45,14 +46,29 @@ class PolicyConfig:
     hidden: list[int] = field(default_factory=lambda: [64, 64])  # policy and value MLPs
     # Env runner actors (0: sample in the learner's process; 1 suits 2 CPUs).
     num_env_runners: int = 1
-    # Held-out users for evaluation (never seen in training).
-    eval_fraction: float = 0.2
+    # Held-out users (never seen in training), halved into tune and test: 0.4 = 60/20/20.
+    eval_fraction: float = 0.4
     # Episodes per arm in the evaluation (fixed seeds, the same for every arm).
     eval_episodes: int = 500
     # States whose per-request best lam is measured by rollouts for the ladder's context
     # ceiling (rl/ladder.py, on the held-out users); 0 skips the ladder.
     ladder_states: int = 400
+    ladder_rollouts: int = 4  # rollouts per state and lam (their mean: less noise)
     seed: int = 0
+    # PPO runs with seeds seed, seed + 1, ...: each reported in the ladder, the one with the
+    # best tune return published.
+    seeds: int = 5
+    # Early stopping on the tune users: score every eval_every iterations on tune_episodes
+    # seeded episodes, stop after `patience` scores without improvement (rl/train.py).
+    eval_every: int = 2
+    tune_episodes: int = 150
+    patience: int = 4
+    lr_final_fraction: float = 0.1  # lr decays linearly to lr * this; entropy_coeff to 0
+    # Test episodes of the ladder's full-information oracle (11 rollouts per slate).
+    oracle_episodes: int = 100
+    # The ladder without PPO across the unidentified parameters (rl/sensitivity.py);
+    # sensitivity.w_exp=[] skips it.
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
 
     def __post_init__(self) -> None:
         for name in ("iterations", "train_batch_size", "minibatch_size", "num_epochs"):
@@ -64,6 +80,12 @@ class PolicyConfig:
             raise ValueError(f"policy.eval_fraction must be in (0, 1): {self.eval_fraction!r}")
         if self.ladder_states < 0:
             raise ValueError(f"policy.ladder_states must be >= 0, got {self.ladder_states!r}")
+        if min(self.seeds, self.eval_every, self.tune_episodes, self.patience) < 1:
+            raise ValueError("policy.seeds, eval_every, tune_episodes, patience must be >= 1")
+        if not 0.0 <= self.lr_final_fraction <= 1.0:
+            raise ValueError(
+                f"policy.lr_final_fraction must be in [0, 1]: {self.lr_final_fraction}"
+            )
         if self.eval_episodes < 2 or self.num_env_runners < 0:
             raise ValueError("policy.eval_episodes must be >= 2 and num_env_runners >= 0")
 

@@ -8,7 +8,11 @@ Simulated sessions are played with lam = 0 (the ranker's order: the logging-like
 assumed), a session's clicks in click order being what a log of it would hold; sessions
 without a click leave no trace in a log and are dropped. Logged sessions are cut as in
 rl.session_fit (30-min gaps on unix timestamps; whole sequences where only positions exist).
-Every comparison uses an event's most specific category (rl.calibrate).
+Every comparison uses an event's most specific category (rl.calibrate). Where the log is a
+k-core of whole sequences (Beauty), simulated sessions shorter than the fit users' shortest
+logged one are dropped too (`keep_long`: the log's own selection), and item popularity is
+counted without the held-out users' events (else every real event would carry its own count
+and no simulated click would).
 
 Metrics: P(next event stays in the category | run length r), r = 1..8 (8: >= 8), with 95 %
 Wilson intervals; the KS statistic of session lengths; per-user category entropy (entropy of
@@ -97,6 +101,12 @@ def simulated_sessions(
                 cats.append(specific[seq])
                 who.append(u)
     return Sessions(items, cats, np.asarray(who, dtype=np.int64))
+
+
+def keep_long(s: Sessions, min_events: int) -> Sessions:
+    """Only the sessions with >= min_events events (a k-core log's selection)."""
+    keep = [i for i, c in enumerate(s.cats) if len(c) >= min_events]
+    return Sessions([s.items[i] for i in keep], [s.cats[i] for i in keep], s.user[keep])
 
 
 def repeat_curve(s: Sessions) -> dict[str, list[float]]:
@@ -283,18 +293,18 @@ def write_realism(report: dict, out_dir: Path) -> tuple[Path, Path]:
     """realism.json and realism.png in out_dir."""
     out_dir = Path(out_dir)
     json_path = out_dir / "realism.json"
-    json_path.write_text(json.dumps(_strict(report), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     png_path = out_dir / "realism.png"
     _plot(report, png_path)
     return json_path, png_path
 
 
-def _strict(x):
+def strict_json(x):
     """NaN (a run length never reached, too few sessions) -> null: strict JSON."""
     if isinstance(x, dict):
-        return {k: _strict(v) for k, v in x.items()}
+        return {k: strict_json(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_strict(v) for v in x]
+        return [strict_json(v) for v in x]
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 

@@ -24,9 +24,9 @@ What is fitted, from which statistic (of the `users` given: the fit split):
   - leave_concentration (and a log-side intercept): a discrete-time logistic hazard of the
     session ending after an event, on the modal-category share of the last 5 events (the
     consumed proxy of slate concentration), i.e. the maximum-likelihood fit of the log's
-    session-length survival; the simulator's leave_intercept is then set by bisection so that
-    simulated clicks per session match the log's mean events per session
-    (`fit_leave_intercept`).
+    session-length survival; the simulator's leave_intercept is then set by simulated
+    moments (rl/moments.py, with popularity_weight and stick_offset) so that simulated
+    clicks per session match the log's mean events per session.
 Assumed (the log has no impressions, so nothing about unclicked slates is identifiable):
 delta, w_click, w_exp, leave_streak, leave_utility, position examination (choice.position_bias),
 preference, no_click, continue_prob.
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from rl.calibrate import SESSION_GAP_S, SequenceLog, _events, mean_clicks
-from rl.config import EnvConfig, SessionConfig
+from rl.calibrate import SESSION_GAP_S, SequenceLog, _events
+from rl.config import SessionConfig
 from rl.simdata import recent_items
 from rl.users import history_exploration
 
@@ -216,29 +216,6 @@ def leave_features(cats: np.ndarray, session: np.ndarray) -> tuple[np.ndarray, n
     ends = np.ones(e, dtype=bool)
     ends[:-1] = session[1:] != session[:-1]
     return np.stack([np.ones(e), share], 1), ends.astype(np.float64)
-
-
-def fit_leave_intercept(
-    data,
-    cfg: EnvConfig,
-    target_clicks: float,
-    *,
-    episodes: int = 300,
-    iterations: int = 12,
-    seed: int = 0,
-    rerank_cfg=None,
-) -> float:
-    """Bisection on session.leave_intercept in [-8, 3] until mean clicks per simulated session
-    at lam = 0 (the logging-like policy: the ranker's order, assumed) match target_clicks."""
-    lo, hi = -8.0, 3.0
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        trial = replace(cfg, session=replace(cfg.session, leave_intercept=mid))
-        if mean_clicks(data, trial, 0.0, episodes, seed, rerank_cfg) > target_clicks:
-            lo = mid  # sessions too long: leave more readily
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
 
 
 @dataclass

@@ -6,10 +6,12 @@ fitted by `rl.session_fit` (which says, per field, fitted from what or assumed).
 
 1. exposure: s_c += w_exp * (the slate's mass of category c), before the choice;
 2. clicks: sequential multinomial logit over the k items and a no-click option, utility
-       v_j = preference * z_j - sensitivity_u * sat(j) + position_j + stick_I * same_j,
+       v_j = preference * z_j - sensitivity_u * sat(j) + position_j + stick_I * same_j
+         + popularity_weight * pop_j,
    sat(j) the mean satiation of j's categories, position_j the log examination probability
    of the slot (DCG's 1 / log2(pos + 2), weight `choice.position_bias`), same_j = 1 if j has
-   the category of the last click, stick_I = logit(stay_I) of the current intent I. After a
+   the category of the last click, stick_I = logit(stay_I) + stick_offset of the current
+   intent I, pop_j the item's standardised log popularity in the fit users' log. After a
    click: s_c += w_click * (the item's share of c); a click in a new category ends the run and
    the intent switches with P = switch_I; another click follows with P = continue_prob;
 3. recovery: s <- delta * s;
@@ -55,7 +57,9 @@ class SessionUser:
         self.n_categories = n_categories
         self.history_entropy = np.asarray(history_entropy, dtype=np.float64)
         self.position_logit = -choice.position_bias * np.log(np.log2(np.arange(k) + 2.0))
-        self.stick = np.array([logit(cfg.stay_focused), logit(cfg.stay_browsing)])
+        self.stick = (
+            np.array([logit(cfg.stay_focused), logit(cfg.stay_browsing)]) + cfg.stick_offset
+        )
         self.switch = np.array([cfg.switch_focused, cfg.switch_browsing])
         self._rng = np.random.default_rng(rng_seed)  # the intent draw at start()
         self.start(None, 0)
@@ -80,16 +84,23 @@ class SessionUser:
         return sigmoid(self.cfg.leave_intercept + self.cfg.leave_streak * unsatisfied)
 
     def respond(
-        self, affinity: np.ndarray, cats: np.ndarray, weights: np.ndarray, rng: np.random.Generator
+        self,
+        affinity: np.ndarray,
+        cats: np.ndarray,
+        weights: np.ndarray,
+        rng: np.random.Generator,
+        popularity: np.ndarray | None = None,
     ) -> Response:
-        """(k,) standardised affinities, (k, C) categories and weights -> clicks, purchases,
-        leave; state updated."""
+        """(k,) standardised affinities, (k, C) categories and weights, (k,) standardised log
+        popularity (None: 0) -> clicks, purchases, leave; state updated."""
         c = self.cfg
         mass = np.bincount(cats.ravel(), weights=weights.ravel(), minlength=self.n_categories + 1)
         self.satiation += c.w_exp * mass
         self.satiation[0] = 0.0
         self.touched[cats] = True
         base = c.preference * affinity + self.position_logit  # (k,)
+        if popularity is not None and c.popularity_weight:
+            base = base + c.popularity_weight * popularity
         best = float(self._utilities(base, cats, weights).max())
         clicks, purchases, order = self._clicks(base, affinity, cats, weights, rng)
         self.satiation *= c.delta

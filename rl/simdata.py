@@ -49,6 +49,8 @@ class SimulatorData:
     user_factors: np.ndarray
     item_factors: np.ndarray
     types: UserTypes
+    # (n_items + 1,) standardised log popularity in the fit users' log (None: unknown, 0)
+    item_popularity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n_users, n_cand = np.shape(self.candidates)

@@ -71,16 +71,20 @@ class WorldConfig:
     user_model: str = "session"
     # Simulated sessions (lam = 0, held-out users) behind realism.json; 0 skips the report.
     realism_episodes: int = 2000
-    # Episodes per bisection step when the session model's leave intercept is fitted.
+    # Episodes per bisection step when the session model's moments are fitted (rl/moments.py),
+    # and coordinate rounds over its three parameters.
     fit_episodes: int = 300
+    fit_rounds: int = 2
 
     def __post_init__(self) -> None:
         if self.n_users is not None and self.n_users < 2:
             raise ValueError(f"world.n_users must be >= 2 or null, got {self.n_users!r}")
         if self.user_model not in ("session", "types"):
             raise ValueError(f"world.user_model must be session|types, got {self.user_model!r}")
-        if self.fit_episodes < 1:
-            raise ValueError(f"world.fit_episodes must be >= 1, got {self.fit_episodes!r}")
+        if self.fit_episodes < 1 or self.fit_rounds < 1:
+            raise ValueError(
+                f"world.fit_episodes and fit_rounds must be >= 1: {self.fit_episodes!r}"
+            )
         if self.realism_episodes < 0:
             raise ValueError(f"world.realism_episodes must be >= 0: {self.realism_episodes!r}")
         if self.n_candidates < 1 or self.history_len < 1 or self.batch_size < 1:
@@ -166,11 +170,13 @@ def load_world(path: str | Path, types: TypeConfig, seed: int = 0) -> SimulatorD
         if missing:
             raise ValueError(f"world file {str(path)!r} lacks arrays {missing}")
         a = {k: z[k] for k in ARRAYS}
+        pop = z["item_popularity"] if "item_popularity" in z.files else None
         fixed = {
             f.name: z[f"types.{f.name}"] for f in fields(UserTypes) if f"types.{f.name}" in z.files
         }
     truth = GroundTruth(a.pop("user_factors"), a.pop("item_factors"))
     data = SimulatorData.build(ground_truth=truth, types=types, seed=seed, **a)
+    data.item_popularity = pop
     if fixed:
         data.types = UserTypes(**fixed)
     return data

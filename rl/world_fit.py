@@ -18,8 +18,9 @@ import numpy as np
 from rec.rerank import RerankConfig
 from rl.calibrate import apply_calibration
 from rl.config import EnvConfig
-from rl.realism import log_sessions, realism_metrics, simulated_sessions
-from rl.session_fit import fit_leave_intercept, fit_session_model
+from rl.moments import fit_moments, item_counts, item_popularity, log_moments, min_logged_events
+from rl.realism import keep_long, log_sessions, realism_metrics, simulated_sessions
+from rl.session_fit import fit_session_model
 from rl.simdata import SimulatorData
 from rl.world import World, WorldConfig
 
@@ -38,21 +39,43 @@ def fit_user_model(
         return fitted, {"user_model": "types", "calibrated": changed}
     if world.log is None:
         raise ValueError("the session model is fitted on the log: build_world keeps it")
-    log_users = world.users[np.asarray(train_rows)]
+    train_rows = np.asarray(train_rows)
+    log_users = world.users[train_rows]
     fit = fit_session_model(world.log, users=log_users, base=env.session)
+    # Popularity from every logged user but the held-out world rows (they are judged on it).
+    held = np.setdiff1d(world.users, log_users)
+    counts = item_counts(world.log, np.setdiff1d(np.arange(len(world.log.items)), held))
+    pop = item_popularity(counts)
+    world.arrays["item_popularity"] = pop  # saved with the world: every env runner has it
+    data.item_popularity = pop
+    min_events = min_logged_events(world.log, log_users)
+    target = log_moments(world.log, log_users, counts, min_events)
     fitted = replace(env, user_model="session", session=fit.session)
-    intercept = fit_leave_intercept(
-        data,
-        fitted,
-        fit.stats["session_mean"],
-        episodes=cfg.fit_episodes,
-        seed=0,
-        rerank_cfg=rerank_cfg,
-    )
-    fitted = replace(fitted, session=replace(fitted.session, leave_intercept=intercept))
+    session, moments = fit_moments(
+        data, fitted, train_rows, target, min_events,
+        episodes=cfg.fit_episodes, rounds=cfg.fit_rounds, seed=0, rerank_cfg=rerank_cfg,
+    )  # fmt: skip
+    fitted = replace(fitted, session=session)
     out = fit.to_json()
     out["session"] = asdict(fitted.session)
-    out["provenance"]["leave_intercept"]["value"] = intercept
+    moment_src = "simulated moments of the fit users at lam = 0 (rl/moments.py): "
+    for name, what in (
+        ("leave_intercept", "events per session"),
+        ("popularity_weight", "mean log popularity of consumed items"),
+        ("stick_offset", "P(next event in the same category)"),
+    ):
+        out["provenance"][name] = {
+            "value": getattr(session, name),
+            "source": "fitted",
+            "from": moment_src + what,
+        }
+    out["moments"] = moments
+    out["log_selection"] = {
+        "min_events": min_events,
+        "from": "shortest logged session of the fit users (k-core whole sequences)"
+        if min_events > 1
+        else "sessions cut by time gaps: none",
+    }
     out["fit_users"] = {"world_rows": "training users", "count": int(len(log_users))}
     out["position_examination"] = {
         "choice.position_bias": env.choice.position_bias,
@@ -76,20 +99,29 @@ def realism_report(
         raise ValueError("the realism report needs the log: build_world keeps it")
     eval_rows = np.asarray(eval_rows)
     real = log_sessions(world.log, world.users[eval_rows])
-    # Each held-out user gets as many simulated sessions as they have logged ones, scaled
-    # down to the episode budget (at least one each).
+    # Each held-out user gets simulated sessions in proportion to their logged ones, scaled
+    # to the episode budget (at least one each; more where the log's selection drops some).
     row_of = {int(u): i for i, u in enumerate(world.users[eval_rows])}
     pos = np.array([row_of[int(u)] for u in real.user], dtype=np.int64)
     real.user = eval_rows[pos]  # world rows, as the simulated sessions' users
     logged = np.bincount(pos, minlength=len(eval_rows))
-    scale = min(1.0, episodes / max(int(logged.sum()), 1))
+    scale = episodes / max(int(logged.sum()), 1)
     counts = np.maximum(np.round(logged * scale), 1).astype(np.int64)
     sim = simulated_sessions(data, env, eval_rows, counts, seed, rerank_cfg)
-    counts = np.bincount(np.concatenate(world.log.items), minlength=data.n_items + 1)
+    # the log's own selection (a k-core keeps no sequence shorter than its shortest)
+    min_events = min_logged_events(
+        world.log, world.users[np.setdiff1d(np.arange(len(world.users)), eval_rows)]
+    )
+    sim = keep_long(sim, min_events)
+    # popularity counted without the held-out users' own events (which every real event would
+    # otherwise carry at least once, and no simulated click does)
+    others = np.setdiff1d(np.arange(len(world.log.items)), world.users[eval_rows])
+    counts = item_counts(world.log, others)
     report = realism_metrics(real, sim, np.log1p(counts), seed)
     return report | {
         "user_model": env.user_model,
         "policy": "lam = 0 (the ranker's order; logging-like, assumed)",
         "held_out_users": int(len(eval_rows)),
+        "min_events": min_events,
         "timestamp_kind": world.log.timestamp_kind,
     }

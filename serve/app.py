@@ -37,18 +37,22 @@ from ray.serve.handle import DeploymentHandle
 
 from rec import artifacts, storage
 from rec.config_loader import from_dict
+from rec.logs import get_logger
 from rec.rerank import RerankConfig
 from serve.cache import recheck, test_split
 from serve.catalog import UserHistories
 from serve.config import DeploymentSpec, ServeConfig
 from serve.frontend import Frontend, LocalStages, RequestError
-from serve.http import BodyGuard
+from serve.http import Admission, BodyGuard
 from serve.ray_loopback import grpc_on_loopback
 from serve.ray_metrics import AppMetrics
 from serve.schemas import Health, ItemResponse, RecommendRequest, RecommendResponse
 from serve.stages import STAGES, StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
+# The project's log format (rec/logs.py) in every replica, through get_logger("serve") called
+# in the replica (it installs the handler there): its lines reach the driver through Ray's
+# worker-output forwarding, beside Ray Serve's own (its format and access log: LoggingConfig).
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 api = FastAPI(
@@ -57,6 +61,7 @@ api = FastAPI(
     description="Retrieve, rank, choose the diversity weight lam, re-rank (DPP/MMR).",
 )
 api.add_middleware(BodyGuard)
+api.add_middleware(Admission)  # added last: runs first, before the body is read
 
 
 @serve.deployment
@@ -76,6 +81,9 @@ class StageDeployment:
         self.fn = STAGE_BY_NAME[stage].build(StageContext(model_dir, cfg, rerank, policy_dir))
         self.run.set_max_batch_size(cfg.batch_max_size)
         self.run.set_batch_wait_timeout_s(cfg.batch_wait_s)
+        get_logger("serve").info(
+            "stage %s ready (model %s, batches of <= %d)", stage, model_dir, cfg.batch_max_size
+        )
 
     def check_health(self) -> None:
         recheck()  # an artefact copy truncated/deleted since __init__: unhealthy, restarted
@@ -109,6 +117,8 @@ class HandleStages:
             try:
                 return await self.handles[name].run.remote(args)
             except RETRYABLE as err:
+                tries = f"try {attempt + 1} of {self.retries + 1}"
+                get_logger("serve").warning("stage %s: %s (%s)", name, type(err).__name__, tries)
                 if attempt == self.retries:
                     raise StageUnavailable(
                         f"stage {name!r} unavailable after {attempt + 1} tries: "
@@ -186,6 +196,7 @@ def attach(front: Frontend, stages: Any, cfg: ServeConfig, metrics: Any = None) 
     app.state.front, app.state.stages = front, stages
     app.state.max_body_bytes = cfg.max_body_bytes  # read by BodyGuard
     app.state.retry_after_s = cfg.retry_after_s
+    app.state.max_running = cfg.max_running  # read by Admission
     app.state.metrics = metrics
 
 
@@ -215,6 +226,10 @@ class Ingress:
         ctx = StageContext(model_dir, cfg, rerank, policy_dir)
         stages = LocalStages(ctx) if cfg.fused else HandleStages(handles, cfg.stage_retries)
         attach(build_frontend(ctx, model_dir, stages), stages, cfg, AppMetrics())
+        mode = "fused" if cfg.fused else "composed: " + ", ".join(sorted(stages.names))
+        get_logger("serve").info(
+            "ingress ready (%s; model %s; max_running %s)", mode, model_dir, cfg.max_running
+        )
 
     async def recommend(self, req: RecommendRequest) -> dict:
         """POST /recommend's answer for a deployment handle (model composition, no HTTP);
@@ -268,6 +283,7 @@ def deployment_options(
         "ray_actor_options": actor,
         **limits,
         **scaling,
+        "logging_config": {"enable_access_log": cfg.access_log},
     }
 
 

@@ -90,6 +90,12 @@ class ServeConfig:
     # must first learn the replica is gone); then 503.
     stage_retries: int = 5
     retry_after_s: float = 1.0  # Retry-After of every 503 (overload, stage unavailable)
+    # Requests one ingress replica runs at once; more get 503 + Retry-After from the replica
+    # before any work (serve/http.py Admission). 0: off (then only Serve's limits apply).
+    max_running: int = 0
+    # Ray Serve's per-request access log lines (to the replica's log file and stderr, which Ray
+    # ships to the driver): off by default, a measurable cost per request on a small machine.
+    access_log: bool = False
     # One per deployment: the ingress and each stage of serve/stages.py, named like the stage.
     ingress: DeploymentSpec = field(default_factory=DeploymentSpec)  # FastAPI + re-ranking
     retriever: DeploymentSpec = field(default_factory=DeploymentSpec)  # user tower + top-N
@@ -107,8 +113,12 @@ class ServeConfig:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
         if self.batch_max_size < 1 or self.batch_wait_s < 0:
             raise ValueError("serve.batch_max_size must be >= 1 and serve.batch_wait_s >= 0")
-        if self.replicas < 0 or self.stage_retries < 0 or not self.retry_after_s >= 0:
-            raise ValueError("serve.replicas, serve.stage_retries, serve.retry_after_s: >= 0")
+        if min(self.replicas, self.stage_retries, self.max_running) < 0 or not (
+            self.retry_after_s >= 0
+        ):
+            raise ValueError(
+                "serve.replicas, serve.stage_retries, serve.max_running, serve.retry_after_s: >= 0"
+            )
         if self.relevance_weight < 0:
             raise ValueError(f"serve.relevance_weight must be >= 0, got {self.relevance_weight!r}")
 

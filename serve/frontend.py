@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy as np
 from rec.rerank import RerankConfig
 from serve.catalog import Catalog, UserHistories
 from serve.config import ServeConfig
-from serve.engine import popular_pool, rerank_candidates
+from serve.engine import Ranked, Retrieved, popular_pool, rerank_candidates
 from serve.schemas import RecommendRequest
 from serve.stages import STAGES, StageContext
 
@@ -56,7 +56,11 @@ class LocalStages:
     async def run(self, name: str, *args: Any) -> Any:
         if name not in self.fns:
             raise RuntimeError(f"stage {name!r} is not running; running: {sorted(self.names)}")
-        return self.fns[name](*([arg] for arg in args))[0]
+        # In a worker thread: the event loop keeps reading requests (and refusing them, see
+        # serve.http.Admission) while the model runs; torch and numpy release the GIL in their
+        # kernels. Bare server at concurrency 64: admitted p50 373 -> 18 ms, 503 p50 258 -> 13 ms
+        # (bench/README.md "Serving under overload").
+        return (await asyncio.to_thread(self.fns[name], *([arg] for arg in args)))[0]
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Resolved:
     history: np.ndarray
     unknown: list[int] = field(default_factory=list)
     truncated: bool = False
+    shown: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # this session's
 
 
 class Frontend:
@@ -95,7 +100,8 @@ class Frontend:
         parts = [p for p in (logged, given) if p is not None and len(p)]
         history = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         truncated = len(history) > self.cfg.max_history
-        return Resolved(history[-self.cfg.max_history :], unknown, truncated)
+        shown, _ = self.catalog.to_indices(req.shown or [])  # unknown ones cannot be candidates
+        return Resolved(history[-self.cfg.max_history :], unknown, truncated, shown)
 
     async def recommend(self, req: RecommendRequest, stages: Stages) -> dict:
         """The response body (serve.schemas.RecommendResponse fields)."""
@@ -103,9 +109,9 @@ class Frontend:
         res = self.resolve(req)
         timings: dict[str, float] = {}
         if not len(res.history):
-            picks, scores, lam, source = self._cold_start(req.k, req.lam, timings)
+            picks, scores, lam, source = self._cold_start(req.k, req.lam, res.shown, timings)
         else:
-            picks, scores, lam, source = await self._personal(req, res.history, stages, timings)
+            picks, scores, lam, source = await self._personal(req, res, stages, timings)
         timings["total"] = _ms(t0)
         items = [
             {
@@ -127,18 +133,22 @@ class Frontend:
         }
 
     async def _personal(
-        self, req: RecommendRequest, history: np.ndarray, stages: Stages, timings: dict
+        self, req: RecommendRequest, res: Resolved, stages: Stages, timings: dict
     ) -> tuple[np.ndarray, np.ndarray, float, str]:
+        history = res.history
         t = time.perf_counter()
         got = await stages.run("retriever", history, history if req.exclude_seen else None)
         timings["retrieve"], timings["retrieve_compute"] = _ms(t), round(got.compute_ms, 3)
-        if not len(got.candidates):  # the whole catalogue is in the history: nothing to show
+        if len(got.candidates):
+            t = time.perf_counter()
+            ranked = await stages.run("ranker", got)
+            timings["rank"], timings["rank_compute"] = _ms(t), round(ranked.compute_ms, 3)
+            # After ranking, so a candidate's score does not depend on what was shown.
+            got, ranked = drop_shown(got, ranked, res.shown)
+        if not len(got.candidates):  # the catalogue is in the history (or shown): nothing left
             if req.lam is not None:
                 return np.zeros(0, np.int64), np.zeros(0), req.lam, "request"
             return np.zeros(0, np.int64), np.zeros(0), self.cfg.default_lam, "default"
-        t = time.perf_counter()
-        ranked = await stages.run("ranker", got)
-        timings["rank"], timings["rank_compute"] = _ms(t), round(ranked.compute_ms, 3)
         t = time.perf_counter()
         if req.lam is not None:
             lam, source = req.lam, "request"
@@ -153,14 +163,16 @@ class Frontend:
         return got.candidates[pos], ranked.scores[pos], lam, source
 
     def _cold_start(
-        self, k: int, lam: float | None, timings: dict
+        self, k: int, lam: float | None, shown: np.ndarray, timings: dict
     ) -> tuple[np.ndarray, np.ndarray, float, str]:
         t = time.perf_counter()
         source = "request" if lam is not None else "cold_start"
         lam = self.cfg.cold_start_lam if lam is None else lam
-        pos = self._rerank(self.pool, self.pool_scores, k, lam)
+        keep = ~np.isin(self.pool, shown)  # (P,)
+        pool, pool_scores = self.pool[keep], self.pool_scores[keep]
+        pos = self._rerank(pool, pool_scores, k, lam)
         timings["rerank"] = _ms(t)
-        return self.pool[pos], self.pool_scores[pos], lam, source
+        return pool[pos], pool_scores[pos], lam, source
 
     def _rerank(self, cands: np.ndarray, scores: np.ndarray, k: int, lam: float) -> np.ndarray:
         """(N,) candidate indices and scores -> (min(k, N),) positions in re-ranked order."""
@@ -173,6 +185,17 @@ class Frontend:
             vectors=self.vectors[cands] if embedding else None,
             cat_ids=None if embedding else self.catalog.categories[cands],
         )
+
+
+def drop_shown(got: Retrieved, ranked: Ranked, shown: np.ndarray) -> tuple[Retrieved, Ranked]:
+    """Remove the session's shown item indices from one request's candidates (and scores)."""
+    if not len(shown):
+        return got, ranked
+    keep = ~np.isin(got.candidates, shown)  # (N,)
+    return (
+        replace(got, candidates=got.candidates[keep], interest=got.interest[keep]),
+        replace(ranked, scores=ranked.scores[keep], relevance=ranked.relevance[keep]),
+    )
 
 
 def _ms(t0: float) -> float:

@@ -1,4 +1,10 @@
-"""ASGI pieces of the ingress that FastAPI does not provide: a guard on every request body.
+"""ASGI pieces of the ingress that FastAPI does not provide: admission and a body guard.
+
+`Admission` (outermost) answers 503 + Retry-After, before reading anything, to a request that
+finds `app.state.max_running` requests already running in this replica (serve.max_running; 0:
+off). It is the overload limit of the ingress: Serve's own (max_ongoing_requests +
+max_queued_requests) holds a request in the router and re-polls replicas, so the requests it
+admits wait there (bench/README.md "Serving under overload"). /healthz is never refused.
 
 `BodyGuard` answers, before the app sees the request:
     413  a body over serve.max_body_bytes: declared (Content-Length, nothing read) or streamed
@@ -114,6 +120,30 @@ def is_json(content_type: bytes | None) -> bool:
     )
 
 
+class Admission:
+    """503 + Retry-After for a request beyond `app.state.max_running` running ones (0: off)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.running = app, 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        state = getattr(scope.get("app"), "state", None)
+        limit = int(getattr(state, "max_running", 0) or 0)
+        if scope["type"] != "http" or not limit or scope.get("path") == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        if self.running >= limit:
+            retry = str(max(1, math.ceil(getattr(state, "retry_after_s", 1.0))))
+            detail = f"overloaded: {limit} requests running (serve.max_running); retry later"
+            await _reply(send, 503, detail, [(b"retry-after", retry.encode())])
+            return
+        self.running += 1  # one event loop per replica: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.running -= 1
+
+
 class BodyGuard:
     """413 / 415 / 422 for bodies that are too large, not JSON, or not strict JSON (above)."""
 
@@ -174,16 +204,13 @@ async def _too_large(send: Any, size: int, limit: int) -> None:
     await _reply(send, 413, detail)
 
 
-async def _reply(send: Any, status: int, detail: Any) -> None:
+async def _reply(send: Any, status: int, detail: Any, extra: list | None = None) -> None:
     payload = json.dumps({"detail": detail}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
     await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
     )
     await send({"type": "http.response.body", "body": payload})

@@ -42,6 +42,12 @@ class RecommendRequest(BaseModel):
         description="Diversity weight in [0, 1]; omitted: the RL policy's choice, or the default.",
     )
     exclude_seen: bool = Field(True, description="Never recommend items of the history.")
+    shown: list[RawId] | None = Field(
+        None,
+        description="Raw item ids already shown in this session: dropped from the retrieved "
+        "candidates before lam is chosen and the list re-ranked (the top-N is not refilled, "
+        "as in the simulator: rl/online.py). Unknown ids are ignored.",
+    )
 
 
 class RecommendedItem(BaseModel):

@@ -1,4 +1,5 @@
-"""Test helpers for the serving tests: a tiny model directory shaped like a train job's output.
+"""Test helpers for the serving tests: a tiny model directory shaped like a train job's output,
+and a closed-loop HTTP load generator (Load).
 
 A randomly initialised tiny Recommender over a small synthetic log is enough for the serving
 mechanics (no training): <dir>/data is the prepared data, <dir>/export the serving export.
@@ -6,9 +7,14 @@ mechanics (no training): <dir>/data is the prepared data, <dir>/export the servi
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
+import time
 from pathlib import Path
 
+import httpx
+import numpy as np
 import torch
 
 from rec import artifacts
@@ -19,6 +25,7 @@ from rec.data.synthetic import SyntheticConfig
 from rec.export import save_export
 from rec.model import ModelConfig
 from rec.recommender import build_recommender
+from serve.catalog import Catalog
 
 
 def make_model_dir(root: Path, seed: int = 0) -> Path:
@@ -67,3 +74,57 @@ def make_policy_dir(root: Path, seed: int = 0) -> Path:
     write_policy_meta(root, EnvConfig(), {"algorithm": "untrained (test)"})
     artifacts.write_manifest(root, kind="policy", producer="tests.serve_support", config={})
     return root
+
+
+class Load:
+    """Closed-loop load in a background thread: `workers` concurrent clients (asyncio + httpx)
+    post random 5-item histories to `url`/recommend until stopped; each result is (status,
+    seconds, Retry-After); `ingress_ms` holds each 200's own `timings_ms.total` (the time inside
+    the ingress replica). A client answered 503 pauses `backoff_s` (a polite client would wait
+    Retry-After; a short pause keeps the overload on)."""
+
+    def __init__(self, url: str, catalog: Catalog, workers: int, backoff_s: float = 0.05) -> None:
+        self.url, self.catalog, self.workers, self.backoff_s = url, catalog, workers, backoff_s
+        self.results: list[tuple[int, float, str | None]] = []
+        self.ingress_ms: list[float] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    async def _main(self) -> None:
+        limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            await asyncio.gather(*(self._client(client, seed) for seed in range(self.workers)))
+
+    async def _client(self, client: httpx.AsyncClient, seed: int) -> None:
+        rng, ids = np.random.default_rng(seed), self.catalog.item_ids
+        while not self.stop.is_set():
+            history = ids[rng.integers(1, self.catalog.n_items, 5)].tolist()
+            t = time.perf_counter()
+            try:
+                resp = await client.post(f"{self.url}/recommend", json={"history": history})
+                code, retry = resp.status_code, resp.headers.get("retry-after")
+                if code == 200:
+                    self.ingress_ms.append(resp.json()["timings_ms"]["total"])
+            except httpx.HTTPError:
+                code, retry = -1, None
+            self.results.append((code, time.perf_counter() - t, retry))
+            if code == 503:
+                await asyncio.sleep(self.backoff_s)
+
+    def wait_for(self, n: int, timeout_s: float = 60.0) -> None:
+        """Poll until `n` more answers came back (a deadline, never a fixed sleep)."""
+        target, deadline = len(self.results) + n, time.monotonic() + timeout_s
+        while len(self.results) < target:
+            assert time.monotonic() < deadline, f"{len(self.results)} < {target} answers"
+            time.sleep(0.05)
+
+    def codes(self) -> dict[int, int]:
+        return {c: sum(r[0] == c for r in self.results) for c in {r[0] for r in self.results}}
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=60)

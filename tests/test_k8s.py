@@ -391,12 +391,13 @@ def _misspell_deployment_field(config: dict) -> None:
 SERVE_MUTATIONS = {
     "misspelt deployment field": _misspell_deployment_field,
     "misspelt autoscaling field": lambda c: _rename(
-        c["applications"][0]["deployments"][1]["autoscaling_config"], "max_replicas", "max_replica"
+        c["applications"][0]["deployments"][0]["autoscaling_config"], "max_replicas", "max_replica"
     ),
     "unknown app arg": lambda c: _rename(c["applications"][0]["args"], "model_dir", "model_dirr"),
     "unknown serve arg": lambda c: c["applications"][0]["args"]["serve"].update({"maxk": 10}),
-    "deployment the app does not build": lambda c: c["applications"][0]["deployments"][2].update(
-        {"name": "Rankr"}
+    # The fused app builds no Ranker: Ray would refuse the file (issue 18's `fused: true` bug).
+    "deployment the app does not build": lambda c: c["applications"][0]["deployments"].append(
+        {"name": "Ranker"}
     ),
     "num_cpus not a number": lambda c: c["applications"][0]["deployments"][0][
         "ray_actor_options"

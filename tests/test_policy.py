@@ -190,9 +190,10 @@ def test_contextual_world_best_lam_depends_on_type():
 
 @pytest.mark.ray
 def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
-    """The job's PPO loop (rl.train.fit), trained briefly on the contextual world, picks a
-    higher lam for explorers than for focused users, and its saved RLModule loads without the
-    Algorithm."""
+    """The job's PPO loop (rl.train.fit, lr and entropy schedules, early stopping on tune
+    users), trained briefly on the contextual world, picks a higher lam for explorers than
+    for focused users, keeps the module with the best tune return, and its saved RLModule
+    loads without the Algorithm."""
     from rl.policy import MODULE_DIR, LamPolicy, PolicyConfig, write_policy_meta
     from rl.train import fit
 
@@ -204,6 +205,7 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
     )
     assert load_world(path, cfg.types).types.explorer.tolist() == data.types.explorer.tolist()
     train, held = split_users(data.n_users, 0.3, 0)
+    tune = train[::4]  # scored every 3 iterations on the same seeded episodes
     pc = PolicyConfig(
         iterations=12,
         train_batch_size=1000,
@@ -213,16 +215,27 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
         entropy_coeff=0.0,
         num_env_runners=0,
         hidden=[32, 32],
+        eval_every=3,
+        patience=2,
     )
     build, published = tmp_path / "build", str(tmp_path / "policy")
-    curve = fit(pc, path, cfg, train, build / MODULE_DIR)
-    assert [row["iteration"] for row in curve] == list(range(1, pc.iterations + 1))
+    scored = []
+
+    def on_tune(arm) -> float:
+        scored.append(play(data, cfg, tune, arm, 100, seed=11).returns.mean())
+        return scored[-1]
+
+    curve = fit(pc, path, cfg, train, build / MODULE_DIR, select=on_tune)
+    assert [row["iteration"] for row in curve] == list(range(1, len(curve) + 1))
+    assert [r["tune_return"] for r in curve if "tune_return" in r] == scored and scored
     write_policy_meta(build, cfg, {"algorithm": "PPO"})
     artifacts.publish(build, published, kind="policy", producer="test", config=asdict(pc))
     policy = LamPolicy.load(published)  # as jobs.train_policy publishes and Serve loads it
     env = DiversityEnv(data, cfg)
     obs = np.stack([env.reset(seed=0, options={"user": int(u)})[0] for u in held])
     lam = policy.choose(obs)
+    # the saved module is the best-scoring one: it scores max(scored) on the same episodes
+    assert play(data, cfg, tune, policy.arm(), 100, seed=11).returns.mean() == max(scored)
     ex = data.types.explorer[held] > 0.5
     assert lam[ex].mean() > lam[~ex].mean() + 0.3, (lam[ex], lam[~ex])
     # and reading the context pays: it beats the best fixed lam on held-out users

@@ -11,7 +11,7 @@ import pytest
 
 from jobs import prepare as prepare_job
 from jobs.config import RunConfig
-from rec import artifacts
+from rec import artifacts, ray_prepare
 from rec.config_loader import load_config
 from rec.data.local import prepare_local
 from rec.ray_dataset import BatchCollate, training_dataset
@@ -27,7 +27,10 @@ def frames(out):
     }
 
 
-def test_smoke_job_matches_local_reference(ray_local, tmp_path):
+def test_smoke_job_matches_local_reference(ray_local, tmp_path, monkeypatch):
+    # One item part per bucket: the 100M-event path (partial item stats merged by item part on
+    # workers, rec/ray_prepare.py: _item_stats) with several parts, at a small size.
+    monkeypatch.setattr(ray_prepare, "BUCKETS_PER_ITEM_PART", 1)
     cfg = load_config(
         RunConfig,
         ROOT / "jobs/configs/smoke.yaml",
@@ -69,7 +72,8 @@ def test_smoke_job_matches_local_reference(ray_local, tmp_path):
     assert (batch.targets[:, -1] > 0).all() and (batch.items[:, 0] == 0).any()
 
 
-def test_beauty_kcore_matches_local(ray_local, tmp_path):
+def test_beauty_kcore_matches_local(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(ray_prepare, "BUCKETS_PER_ITEM_PART", 3)  # 3 item parts of 8 buckets
     over = [f"output_dir={tmp_path / 'ray'}", f"data.path={need(BEAUTY)}", "data.kcore=10"]
     stats = prepare_job.run(load_config(RunConfig, ROOT / "jobs/configs/beauty.yaml", over))
     ref_cfg = load_config(RunConfig, ROOT / "jobs/configs/beauty.yaml", over[1:])
@@ -80,7 +84,11 @@ def test_beauty_kcore_matches_local(ray_local, tmp_path):
         ref["n_interactions"],
     )
     assert stats["n_items"] < 12101
-    test = pl.read_parquet(Path(artifacts.resolve(str(tmp_path / "ray"))) / "test" / "*.parquet")
+    ray_out = Path(artifacts.resolve(str(tmp_path / "ray")))
+    assert pl.read_parquet(ray_out / "vocab" / "items.parquet").equals(
+        pl.read_parquet(tmp_path / "local" / "vocab" / "items.parquet")
+    )
+    test = pl.read_parquet(ray_out / "test" / "*.parquet")
     assert (test["n_events"] >= 10).all()
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-import rec.rerank as rerank_module
+import rec.rerank_greedy as rerank_greedy
 from rec.rerank import (
     METHODS,
     RerankConfig,
@@ -143,7 +143,7 @@ def test_chunking_does_not_change_results(method, use_sim, monkeypatch):
     kw = {"similarity": cosine_similarity(vecs)} if use_sim else {"vectors": vecs}
     lam = np.linspace(0, 1, 7)
     whole = RERANKERS[method](scores, 8, lam, **kw)
-    monkeypatch.setattr(rerank_module, "CHUNK_BYTES", 1)  # one request per chunk
+    monkeypatch.setattr(rerank_greedy, "CHUNK_BYTES", 1)  # one request per chunk
     np.testing.assert_array_equal(RERANKERS[method](scores, 8, lam, **kw), whole)
 
 

@@ -64,6 +64,11 @@ def s3_ray(s3_server, ray_local, tmp_path_factory):
             runtime_env={"env_vars": env},
         )
         yield "s3://stages"
+    # A fresh Ray for the later tests: this one's workers point AWS at a server that is about
+    # to stop, and its Train controllers may still be in their 30 s graceful shutdown; a
+    # `serve.start` on that Ray once waited 12 min for its controller (full suite, session 7).
+    ray_local.shutdown()
+    start_local_ray(RayConfig(num_cpus=2), log_to_driver=False, configure_logging=False)
 
 
 def in_empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

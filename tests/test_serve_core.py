@@ -250,7 +250,7 @@ def test_app_builder_and_serve_config_file(model_dir) -> None:
             app_builder({"model_dir": str(model_dir), "serve": {field: value}})
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "config_fused.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "config_composed.yaml"])
 def test_serve_config_files_name_the_deployments_the_app_builds(model_dir, name) -> None:
     """Ray refuses a config file naming a deployment the app does not create (what
     `serve: {fused: true}` did to the one file there was): each file matches its own mode."""
@@ -266,6 +266,7 @@ def test_serve_config_files_name_the_deployments_the_app_builds(model_dir, name)
     assert {d.name for d in app_cfg.deployments} == {d.name for d in built.deployments}
     fused = bool(app_cfg.args.get("serve", {}).get("fused"))
     assert fused == (len(built.deployments) == 1)
+    assert fused == (name == "config.yaml")  # the default file deploys the fused app
     (ingress_cfg,) = [d for d in app_cfg.deployments if d.name == "Ingress"]
     assert ingress_cfg.max_queued_requests >= 1  # overload is shed (503), not queued
     assert ingress_cfg.backpressure_config.retry_after_s >= 1

@@ -8,9 +8,7 @@ The in-process input tests (no Ray) are tests/test_serve_input.py.
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from rec.config_loader import load_config
 from rec.metrics import ild_jaccard
 from serve.catalog import Catalog, UserHistories
 from tests.ports import free_port
-from tests.serve_support import make_model_dir, make_policy_dir
+from tests.serve_support import Load, make_model_dir, make_policy_dir
 from tests.test_loopback import is_loopback, listeners
 
 pytestmark = pytest.mark.ray
@@ -106,6 +104,21 @@ def test_health_docs_items(server) -> None:
     replicas = [row for row in listeners() if row["proc"].startswith("ray::ServeRep")]
     assert len(replicas) >= 8, replicas  # 8 replicas (4 deployments x 2), each listening
     assert all(is_loopback(row["ip"]) for row in replicas), replicas
+    # Replicas log in the project's format (rec/logs.py) to their output, which Ray keeps in
+    # its worker-*.out files (and forwards to a job's console); Serve's own per-request access
+    # log is off (serve.access_log), so /items above left no line in Serve's replica logs.
+    from ray._private.worker import _global_node
+
+    logs = Path(_global_node.get_logs_dir_path())
+    ours = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO \[serve\] (ingress|stage \w+) ready ")
+    ready = {m[1] for f in logs.glob("worker-*.out") for m in map(ours.match, _lines(f)) if m}
+    assert {"ingress", "stage retriever", "stage ranker", "stage policy"} <= ready, ready
+    access = [line for f in logs.glob(f"serve/replica_{APP}_Ingress_*.log") for line in _lines(f)]
+    assert access and not [line for line in access if "GET /items" in line], access[-5:]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines()
 
 
 def test_k_distinct_items_not_in_history(server) -> None:
@@ -211,84 +224,42 @@ def test_schemathesis_finds_no_5xx(server, mode) -> None:
     assert calls and max(calls) < 500
 
 
-class Load:
-    """Closed-loop load in a background thread: `workers` concurrent clients (asyncio + httpx)
-    post random 5-item histories until stopped; each result is (status, seconds, Retry-After).
-    A client answered 503 pauses `backoff_s` (a polite client would wait Retry-After; a short
-    pause keeps the overload on)."""
-
-    def __init__(self, catalog: Catalog, workers: int, backoff_s: float = 0.05) -> None:
-        self.catalog, self.workers, self.backoff_s = catalog, workers, backoff_s
-        self.results: list[tuple[int, float, str | None]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-
-    async def _main(self) -> None:
-        limits = httpx.Limits(max_connections=self.workers, max_keepalive_connections=self.workers)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            await asyncio.gather(*(self._client(client, seed) for seed in range(self.workers)))
-
-    async def _client(self, client: httpx.AsyncClient, seed: int) -> None:
-        rng, ids = np.random.default_rng(seed), self.catalog.item_ids
-        while not self.stop.is_set():
-            history = ids[rng.integers(1, self.catalog.n_items, 5)].tolist()
-            t = time.perf_counter()
-            try:
-                resp = await client.post(f"{URL}/recommend", json={"history": history})
-                code, retry = resp.status_code, resp.headers.get("retry-after")
-            except httpx.HTTPError:
-                code, retry = -1, None
-            self.results.append((code, time.perf_counter() - t, retry))
-            if code == 503:
-                await asyncio.sleep(self.backoff_s)
-
-    def wait_for(self, n: int, timeout_s: float = 60.0) -> None:
-        """Poll until `n` more answers came back (a deadline, never a fixed sleep)."""
-        target, deadline = len(self.results) + n, time.monotonic() + timeout_s
-        while len(self.results) < target:
-            assert time.monotonic() < deadline, f"{len(self.results)} < {target} answers"
-            time.sleep(0.05)
-
-    def codes(self) -> dict[int, int]:
-        return {c: sum(r[0] == c for r in self.results) for c in {r[0] for r in self.results}}
-
-    def __enter__(self) -> Load:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=60)
-
-
 def test_overload_is_shed_with_503_and_retry_after(server) -> None:
-    """Concurrency 64 against 4 running + 2 queued: the rest is 503 + Retry-After, nothing else.
+    """Concurrency 64 against 2 ingress replicas x 2 running + 2 queued: the rest is 503 +
+    Retry-After, nothing else, and the admitted requests' time inside the ingress stays near
+    its unloaded value (the limits keep the replicas at their capacity).
 
-    Admitted latency is printed, not asserted: issue 15's target (admitted p99 within 2x the
-    unloaded p99) is not met on 2 shared cores. Measured (bench/README.md "Serving under
-    overload"): admitted requests spend ~0.1 s in the ingress and seconds around it (Serve's
-    router queue and the CPU the 64 clients, the proxy and 8 replicas share); an app-level
-    limit tried instead (the ingress refusing beyond N running) was no faster, and as the
-    router does not know that limit, it refused requests under capacity (uneven routing)."""
+    What is asserted is what holds on 2 shared cores with the 64 clients on them. Issue 15's
+    target, the admitted requests' client-side p99 within 2x the unloaded p99, is printed, not
+    asserted: measured 25-200x (bench/README.md "Serving under overload"), the time spent
+    outside the ingress -- the proxy, Serve's router, and waiting for a CPU that 64 clients,
+    the proxy and 8 replicas share: a bare uvicorn server with the same admission limit and
+    no Ray measured 48x under the same load generator."""
     catalog, _ = server
-    with Load(catalog, workers=1) as alone:
+    with Load(URL, catalog, workers=1) as alone:
         alone.wait_for(60)
     # A client told 503 + Retry-After: 1 comes back within a quarter of it (pressure stays on).
-    with Load(catalog, workers=64, backoff_s=0.25) as over:
+    with Load(URL, catalog, workers=64, backoff_s=0.25) as over:
         over.wait_for(300)
     assert alone.codes() == {200: len(alone.results)}
     unloaded = np.percentile([t for _, t, _ in alone.results], 99)
     admitted = [t for c, t, _ in over.results if c == 200]
     shed = [(t, retry) for c, t, retry in over.results if c == 503]
+    inside = np.percentile(over.ingress_ms, 99), np.percentile(alone.ingress_ms, 99)
     print(
         f"[overload] {over.codes()} unloaded p99 {unloaded * 1e3:.0f} ms, admitted p99 "
-        f"{np.percentile(admitted, 99) * 1e3:.0f} ms, 503 p50 "
-        f"{np.median([t for t, _ in shed]) * 1e3:.0f} ms"
+        f"{np.percentile(admitted, 99) * 1e3:.0f} ms ({np.percentile(admitted, 99) / unloaded:.0f}x)"
+        f", 503 p50 {np.median([t for t, _ in shed]) * 1e3:.0f} ms; inside the ingress p99 "
+        f"{inside[0]:.0f} ms loaded vs {inside[1]:.0f} ms unloaded"
     )
     assert set(over.codes()) == {200, 503}  # shed (no queue limit: no 503), no 500, no timeout
     assert len(shed) > len(admitted)  # most of a 64-client overload is refused, not queued
     assert {retry for _, retry in shed} == {"1"}  # serve.retry_after_s
     assert len(admitted) >= 30  # and the server kept serving
+    # Without the limits all 64 would run in the ingress at once, each waiting on the others'
+    # stage calls (~20x); with them, at most 2 per replica do. Measured 1.2-3x for the fused
+    # app (bench/README.md); 8x leaves room for the stage hops and other work on 2 cores.
+    assert inside[0] <= 8 * inside[1], inside
 
 
 def replica_actor_names(deployment: str) -> list[str]:
@@ -335,7 +306,7 @@ def test_one_replica_of_every_stage_killed_loses_no_request(server) -> None:
     catalog, _ = server
     victims = {dep: replica_actor_names(dep)[:1] for dep in STAGES}
     assert all(victims.values()), victims
-    with Load(catalog, workers=4, backoff_s=0.0) as load:
+    with Load(URL, catalog, workers=4, backoff_s=0.0) as load:
         load.wait_for(40)
         recovery = kill_and_wait_replaced(victims)
         load.wait_for(40)  # answers served by the replacements too
@@ -351,7 +322,7 @@ def test_every_replica_of_a_stage_killed_is_503_never_500(server) -> None:
     """Both Ranker replicas gone (what one replica's loss is with serve.replicas=1): requests
     are 503 + Retry-After (or wait for the replacement and succeed), never 500."""
     catalog, _ = server
-    with Load(catalog, workers=4, backoff_s=0.0) as load:
+    with Load(URL, catalog, workers=4, backoff_s=0.0) as load:
         load.wait_for(40)
         recovery = kill_and_wait_replaced({"Ranker": replica_actor_names("Ranker")})
         deadline = time.monotonic() + 60  # recovered: 20 answers in a row are 200

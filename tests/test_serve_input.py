@@ -21,7 +21,7 @@ from rec.rerank import RerankConfig
 from serve import app as app_module
 from serve.config import ServeConfig
 from serve.frontend import LocalStages, run_sync
-from serve.http import MAX_DEPTH, BodyGuard
+from serve.http import MAX_DEPTH, Admission, BodyGuard
 from serve.stages import StageContext
 from tests.serve_support import make_model_dir
 
@@ -144,6 +144,49 @@ def test_oversized_body_is_413_without_reading_it() -> None:
     scope["headers"] = [(b"content-type", b"application/json")]
     run_sync(BodyGuard(app)(scope, receive, send))
     assert sent[0]["status"] == 413 and len(reads) == 65536 // 1024 + 1
+
+
+def test_admission_refuses_beyond_max_running_before_reading() -> None:
+    """serve.max_running = 2: a third concurrent request is 503 + Retry-After at once, its
+    body unread; /healthz always passes; a finished request frees its slot."""
+    import asyncio
+    from types import SimpleNamespace
+
+    release, reads, sent = asyncio.Event(), [], []
+
+    async def app(scope, receive, send):
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive():
+        reads.append(1)
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    state = SimpleNamespace(max_running=2, retry_after_s=1.5)
+
+    def scope(path: str = "/recommend") -> dict:
+        return {"type": "http", "method": "POST", "path": path, "app": SimpleNamespace(state=state)}
+
+    async def main() -> None:
+        guard = Admission(app)
+        running = [asyncio.create_task(guard(scope(), receive, send)) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert guard.running == 2
+        await guard(scope(), receive, send)  # refused now, without waiting for a slot
+        assert [m.get("status") for m in sent] == [503, None] and reads == []
+        assert (b"retry-after", b"2") in sent[0]["headers"]  # ceil(serve.retry_after_s)
+        assert "serve.max_running" in json.loads(sent[1]["body"])["detail"]
+        health = asyncio.create_task(guard(scope("/healthz"), receive, send))
+        release.set()
+        await asyncio.gather(*running, health)
+        assert guard.running == 0 and [m.get("status") for m in sent[2:]] == [200] * 3
+        await guard(scope(), receive, send)  # slots free again
+        assert sent[-1]["status"] == 200
+
+    run_sync(main())
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

@@ -174,3 +174,30 @@ def test_env_runs_the_session_user_and_intent_drives_repeats(world):
     sticky = replace(SessionConfig(), focused_share=1.0, stay_focused=0.95, switch_focused=0.0)
     hopping = replace(SessionConfig(), focused_share=0.0, stay_browsing=0.05, switch_browsing=0.0)
     assert repeat_rate(world, sticky) > repeat_rate(world, hopping) + 0.2
+
+
+def test_simulated_moments_recover_planted_popularity_stickiness_and_leaving():
+    """rl.moments: sessions simulated under planted (popularity_weight, stick_offset,
+    leave_intercept) give the target moments; a fit from the defaults reproduces them (the
+    parameters move the right way from the defaults)."""
+    from rl.moments import fit_moments, item_popularity, simulate_moments
+
+    data = SimulatorData.synthetic(n_users=80, n_items=800, n_categories=12, seed=4)
+    counts = np.random.default_rng(0).poisson(np.exp(np.random.default_rng(1).normal(1, 1, 801)))
+    data.item_popularity = item_popularity(counts)
+    base = EnvConfig(k=5, n_candidates=60, max_steps=12, user_model="session")
+    planted = replace(base.session, popularity_weight=-1.5, stick_offset=2.0, leave_intercept=-1.5)
+    rows = np.arange(40)
+    target = simulate_moments(data, replace(base, session=planted), rows, 300, 7, 1)
+    neutral = simulate_moments(data, base, rows, 300, 7, 1)
+    assert target["log_popularity"] < neutral["log_popularity"] - 0.1
+    assert target["repeat_rate"] > neutral["repeat_rate"] + 0.05
+    fitted, out = fit_moments(data, base, rows, target, 1, episodes=300, iterations=6, seed=7)
+    got = out["simulated"]
+    assert (
+        abs(got["events_per_session"] - target["events_per_session"])
+        < 0.15 * target["events_per_session"]
+    ), (got, target)
+    assert abs(got["log_popularity"] - target["log_popularity"]) < 0.1, (got, target)
+    assert abs(got["repeat_rate"] - target["repeat_rate"]) < 0.05, (got, target)
+    assert fitted.popularity_weight < -0.5 and fitted.stick_offset > 0.5, fitted

@@ -26,7 +26,7 @@ from rec.data.readers import get_format
 from rec.data.schema import ENGAGED_TOKENS, QUARANTINE_REASONS
 
 SPLITS = ("train", "valid", "test")
-WORK_DIRS = ("_staging", "_clean", "_errors")
+WORK_DIRS = ("_staging", "_clean", "_items", "_errors")
 
 
 def reset_output(out: str) -> None:
