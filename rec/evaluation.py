@@ -161,32 +161,40 @@ def _update_chunked(
     rows = torch.arange(n_users, device=targets.device)
     ahead = torch.zeros(n_users, dtype=torch.long, device=targets.device)  # other items >= t
     ahead_excluded = torch.zeros_like(ahead)  # of which history items (the unseen protocol)
-    tops = [_empty_top(n_users, k, target_scores) for _ in range(2)]  # full, unseen
+    tops = [empty_top(n_users, k, target_scores) for _ in range(2)]  # full, unseen
     for lo in range(1, ev.n_items + 1, item_chunk):
         hi = min(lo + item_chunk, ev.n_items + 1)
         s = chunk(lo, hi)  # (B, C)
         ge = s >= target_scores  # (B, C)
         mine = (targets >= lo) & (targets < hi)  # the target itself is the "1 +"
         ge[rows[mine], targets[mine] - lo] = False
-        inside = (exclude >= lo) & (exclude < hi)  # (B, T); exclude 0 is never inside
-        excluded = torch.zeros_like(ge)
-        excluded[rows[:, None].expand_as(exclude)[inside], exclude[inside] - lo] = True
+        excluded = in_chunk(exclude, lo, hi)  # (B, C) history items of the chunk
         ahead += ge.sum(1)
         ahead_excluded += (ge & excluded).sum(1)
-        tops[0] = _merge_top(tops[0], s, lo, k)
-        tops[1] = _merge_top(tops[1], s.masked_fill(excluded, float("-inf")), lo, k)
+        tops[0] = merge_top(tops[0], s, lo, k)
+        tops[1] = merge_top(tops[1], s.masked_fill(excluded, float("-inf")), lo, k)
     ranks = 1 + ahead  # (B,)
     # Fewer than k items left after the exclusions: the surplus slots hold 0 (rec.metrics).
     unseen_top = tops[1][1].masked_fill(torch.isneginf(tops[1][0]), 0)
     ev.update_ranked(ranks, tops[0][1], ranks - ahead_excluded, unseen_top)
 
 
-def _empty_top(n_users: int, k: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def in_chunk(exclude: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """(B, T) item ids to exclude (0 = none) -> (B, hi - lo) bool: the chunk's columns whose item
+    is in the row's set."""
+    inside = (exclude >= lo) & (exclude < hi)  # (B, T); 0 (none) is never inside
+    mask = torch.zeros(len(exclude), hi - lo, dtype=torch.bool, device=exclude.device)
+    rows = torch.arange(len(exclude), device=exclude.device)[:, None].expand_as(exclude)
+    mask[rows[inside], exclude[inside] - lo] = True
+    return mask
+
+
+def empty_top(n_users: int, k: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.full((n_users, 0), float("-inf"), dtype=like.dtype, device=like.device)
     return values, torch.zeros((n_users, 0), dtype=torch.long, device=like.device)
 
 
-def _merge_top(
+def merge_top(
     top: tuple[torch.Tensor, torch.Tensor], s: torch.Tensor, lo: int, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-k: the best k of (values, item indices) so far and this chunk's scores."""

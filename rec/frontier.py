@@ -38,7 +38,7 @@ import torch
 from rec.config_loader import ConfigError
 from rec.data.batch import SCORE_BATCH_SIZE, collate, length_batches
 from rec.data.splits import ItemTables, load_examples, load_item_tables
-from rec.evaluation import DEFAULT_ITEM_CHUNK, _empty_top, _merge_top
+from rec.evaluation import DEFAULT_ITEM_CHUNK, empty_top, in_chunk, merge_top
 from rec.export import load_export
 from rec.logs import progress
 from rec.metrics import (
@@ -167,28 +167,19 @@ def candidate_pool(
     one (B, item_chunk) block exists); with protocol "unseen" history is excluded exactly as
     `RankingEvaluator` does (`exclusion_set`: the target itself stays rankable)."""
     exclude = exclusion_set(history, targets) if protocol == "unseen" else None  # (B, T)
-    top = _empty_top(len(targets), n, torch.empty(0))
+    top = empty_top(len(targets), n, torch.empty(0))
     for lo in range(1, n_items + 1, item_chunk):
         hi = min(lo + item_chunk, n_items + 1)
         s = chunk(lo, hi).float()  # (B, C)
         if exclude is not None:
-            s = s.masked_fill(_in_chunk(exclude, lo, hi), float("-inf"))
-        top = _merge_top(top, s, lo, n)  # values (B, <=n) sorted, item ids (B, <=n)
+            s = s.masked_fill(in_chunk(exclude, lo, hi), float("-inf"))
+        top = merge_top(top, s, lo, n)  # values (B, <=n) sorted, item ids (B, <=n)
     if top[0].shape[1] < n or not bool(torch.isfinite(top[0]).all()):
         raise ConfigError(
             f"rerank.n_candidates={n}: fewer finite-scored items than that remain after "
             "removing the history; lower n_candidates"
         )
     return Candidates(top[1], top[0], targets)
-
-
-def _in_chunk(exclude: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """(B, hi - lo) bool: the chunk's columns whose item is in the row's exclusion set."""
-    inside = (exclude >= lo) & (exclude < hi)  # (B, T); 0 (none) is never inside
-    mask = torch.zeros(len(exclude), hi - lo, dtype=torch.bool)
-    rows = torch.arange(len(exclude))[:, None].expand_as(exclude)
-    mask[rows[inside], exclude[inside] - lo] = True
-    return mask
 
 
 def kernel_inputs(
