@@ -77,16 +77,30 @@ def play(
 ) -> ArmResult:
     """Run `episodes` sessions of held-out `users` with the arm choosing every slate's lam
     (slates re-ranked under rerank_cfg, the run's `rerank:` section)."""
+    rng = np.random.default_rng(seed + 7919)  # the arm's own randomness (random lam)
+    return play_env(data, cfg, users, lambda env, obs: arm(obs, rng), episodes, seed, rerank_cfg)
+
+
+def play_env(
+    data: SimulatorData,
+    cfg: EnvConfig,
+    users: np.ndarray,
+    choose: Callable[[DiversityEnv, np.ndarray], float],
+    episodes: int,
+    seed: int,
+    rerank_cfg: RerankConfig | None = None,
+) -> ArmResult:
+    """As `play`, the chooser seeing the env too: choose(env, obs) -> lam (the ladder's rungs
+    that read the simulated user's hidden state)."""
     env = DiversityEnv(
         data, replace(cfg, action_mode="continuous"), users=users, rerank_cfg=rerank_cfg
     )
-    rng = np.random.default_rng(seed + 7919)  # the arm's own randomness (random lam)
     out = np.zeros((6, episodes))
     for e in range(episodes):
         obs, info = env.reset(seed=seed + e)
         done, ret, clicks, steps, ild, lam_sum = False, 0.0, 0, 0, 0.0, 0.0
         while not done:
-            lam = float(arm(obs, rng))
+            lam = float(choose(env, obs))
             obs, reward, terminated, truncated, info = env.step(np.array([lam], np.float32))
             ret += reward
             clicks += info["clicks"]

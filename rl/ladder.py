@@ -33,7 +33,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from rl.arms import Arm, ArmResult, fixed, mean_ci, play
+from rl.arms import Arm, ArmResult, fixed, mean_ci, play, play_env
 from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.env import DiversityEnv
 
@@ -219,25 +219,6 @@ def ladder(
             out["ppo"]["gain"] / ceiling if ceiling > 0 else float("nan")
         )
     return out
-
-
-def play_env(data, cfg, users, choose, episodes, seed, rerank_cfg=None) -> ArmResult:
-    """As rl.arms.play, the chooser seeing the env too: choose(env, obs) -> lam (a rung that
-    reads the hidden state)."""
-    env = DiversityEnv(
-        data, replace(cfg, action_mode="continuous"), users=users, rerank_cfg=rerank_cfg
-    )
-    out = np.zeros((6, episodes))
-    for e in range(episodes):
-        ob, info = env.reset(seed=seed + e)
-        done, ret, clicks, steps, ild, lam_sum = False, 0.0, 0, 0, 0.0, 0.0
-        while not done:
-            lam = float(choose(env, ob))
-            ob, reward, te, tr, info = env.step(np.array([lam], np.float32))
-            ret, clicks, steps = ret + reward, clicks + info["clicks"], steps + 1
-            ild, lam_sum, done = ild + info["ild"], lam_sum + lam, te or tr
-        out[:, e] = (ret, clicks, steps, ild / steps, lam_sum / steps, info["user"])
-    return ArmResult(*out[:5], users=out[5].astype(np.int64))
 
 
 def _head(r: ArmResult, n: int) -> ArmResult:
