@@ -15,7 +15,6 @@ sample of test users. One process, no Ray: only the loss differs between the two
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.scale_train import peak_rss_mb, scale_configs  # noqa: E402
+from bench.scale_train import emit_records, peak_rss_mb, scale_configs  # noqa: E402
 
 TAOBAO_ITEMS = 4_162_024
 ITEMS_SEEN = 1.6  # catalogue / items the log reaches (Zipf tails stay unseen)
@@ -191,11 +190,7 @@ def main() -> None:
     parser.add_argument("--out", help="append the records (JSON lines) to this file")
     args = parser.parse_args()
     records = quality(args.items, args.steps, args.batch, args.users)
-    for r in records:
-        print(json.dumps(r), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    emit_records(records, args.out)
 
 
 if __name__ == "__main__":

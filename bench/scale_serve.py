@@ -32,6 +32,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.scale_train import emit_records  # noqa: E402
+
 CONFIG = ROOT / "jobs" / "configs" / "taobao_scale.yaml"
 WORK = ROOT / ".cache" / "bench_scale" / "serve-4m"
 TAOBAO_ITEMS = 4_162_024
@@ -180,11 +182,7 @@ def main() -> None:
         if args.what == "build"
         else serve_points(root, args.duration, extra=tuple(args.set))
     )
-    for r in records:
-        print(json.dumps(r), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    emit_records(records, args.out)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,16 @@ def peak_rss_mb() -> int:
     return 0
 
 
+def emit_records(records: list[dict], out: str | None, echo: bool = True) -> None:
+    """Print each record as a JSON line (unless already printed) and append them to `out`."""
+    if echo:
+        for r in records:
+            print(json.dumps(r), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def scale_configs(overrides: list[str] | None = None):
     """(ModelConfig, TrainConfig) of taobao_scale.yaml with a.b=value overrides."""
     from jobs.config import RunConfig
@@ -197,46 +207,29 @@ def train_point(
     """One Ray Train run (2 CPU workers) of `steps` timed steps after `warmup` at n_items.
     zero_stage: 2 or 3, or "sparse" (the item table row-sparse, the rest under ZeRO-2)."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.common import RayConfig, start_local_ray
 
     stage = 2 if zero_stage == "sparse" else int(zero_stage)
     model_cfg, train_cfg = scale_configs([f"train.deepspeed.zero_stage={stage}", *overrides])
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=None if train_cfg.use_gpu else 2, include_dashboard=False, log_to_driver=False
-        )
+    if not ray.is_initialized():  # on loopback, as a job's local Ray
+        start_local_ray(RayConfig(num_cpus=None if train_cfg.use_gpu else 2), log_to_driver=False)
     result_path = Path(f"/tmp/ray_scale_train/{n_items}-z{zero_stage}.json")
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "model": model_cfg,
-            "train": train_cfg,
-            "items": n_items,
-            "steps": steps,
-            "warmup": warmup,
-            "extensions_dir": ext,
-            "result_path": str(result_path),
-            "sparse": zero_stage == "sparse",
-        },
-        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=train_cfg.num_workers,
-            use_gpu=train_cfg.use_gpu,
-            resources_per_worker={
-                "CPU": train_cfg.cpus_per_worker,
-                **({"GPU": 1} if train_cfg.use_gpu else {}),
-            },
-        ),
-        run_config=RunConfig(
-            name=f"scale-train-{n_items}-z{zero_stage}", storage_path="/tmp/ray_scale_train"
-        ),
-    )
-    trainer.fit()
+    loop_config = {
+        "model": model_cfg,
+        "train": train_cfg,
+        "items": n_items,
+        "steps": steps,
+        "warmup": warmup,
+        "extensions_dir": ext,
+        "result_path": str(result_path),
+        "sparse": zero_stage == "sparse",
+    }
+    _fit(loop_config, train_cfg, f"scale-train-{n_items}-z{zero_stage}")
     m = json.loads(result_path.read_text())
     return {
         "stage": "train",
@@ -253,6 +246,25 @@ def train_point(
         "interest_loss": m["interest_loss"],
         "n_negatives": model_cfg.n_negatives,
     }
+
+
+def _fit(loop_config: dict, train_cfg, name: str) -> None:
+    """`train_loop` on Ray Train with the train config's workers, CPUs and GPUs."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = {"GPU": 1} if train_cfg.use_gpu else {}
+    TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=train_cfg.use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker, **gpu},
+        ),
+        run_config=RunConfig(name=name, storage_path="/tmp/ray_scale_train"),
+    ).fit()
 
 
 def train_points(
@@ -282,10 +294,8 @@ def main() -> None:
     parser.add_argument("--out", help="append the records (JSON lines) to this file")
     args = parser.parse_args()
     stages = [z if z == "sparse" else int(z) for z in args.zero]
-    records = train_points(args.items, stages, args.steps)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
+    records = train_points(args.items, stages, args.steps)  # printed as each point ends
+    emit_records(records, args.out, echo=False)
 
 
 if __name__ == "__main__":

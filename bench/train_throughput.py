@@ -93,6 +93,52 @@ def ray_deepspeed(prepared: Path, size: str, batch: int, out: Path) -> dict:
     }
 
 
+def run_path(mode: str, args: argparse.Namespace, work: Path) -> dict:
+    """One path ("bare" or "ray") in a fresh process, so neither warms the other's caches."""
+    cmd = [sys.executable, __file__, "--one", mode, "--size", args.size]
+    cmd += ["--batch", str(args.batch), "--work", str(work)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
+    """Print the table of the median run of each path; the JSON record."""
+    # The median run of each path: one 2-core machine is noisy (+-10 % run to run).
+    results = {m: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for m, r in runs.items()}
+    ratio = results["ray"]["seconds"] / results["bare"]["seconds"]
+    print(
+        f"\nAmazon Beauty, one epoch, model={args.size}, global batch {args.batch}, {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'path':34} {'seconds':>8} {'steps':>6} {'seq/s':>8} {'tokens/s':>9} {'peak RSS/worker MB':>19}"
+    )
+    names = {
+        "bare": "(a) PyTorch, 1 process x 2 threads",
+        "ray": "(b) Ray Train+DeepSpeed ZeRO-2, 2x1",
+    }
+    for mode, r in results.items():
+        print(
+            f"{names[mode]:34} {r['seconds']:8.1f} {r['steps']:6} {r['seq_per_s']:8.1f} {r['tokens_per_s']:9,} {r['peak_rss_mb_per_worker']:19,}"
+        )
+    for mode, r in runs.items():
+        print(f"{mode} seconds per run: {[x['seconds'] for x in r]}")
+    print(f"time ratio (b)/(a), medians of {args.repeat}: {ratio:.2f} (target <= 1.15)")
+    return {
+        "size": args.size,
+        "global_batch": args.batch,
+        "cpus": os.cpu_count(),
+        "repeat": args.repeat,
+        "results": results,
+        "seconds_per_run": {m: [x["seconds"] for x in r] for m, r in runs.items()},
+        "time_ratio": round(ratio, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="tiny")
@@ -121,56 +167,9 @@ def main() -> None:
         )
     runs: dict[str, list[dict]] = {"bare": [], "ray": []}
     for mode in [m for _ in range(args.repeat) for m in ("bare", "ray")]:  # interleaved
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            mode,
-            "--size",
-            args.size,
-            "--batch",
-            str(args.batch),
-            "--work",
-            str(work),
-        ]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
-        runs[mode].append(json.loads(lines[-1][len("RESULT ") :]))
-    # The median run of each path: one 2-core machine is noisy (+-10 % run to run).
-    results = {m: sorted(r, key=lambda x: x["seconds"])[len(r) // 2] for m, r in runs.items()}
-    ratio = results["ray"]["seconds"] / results["bare"]["seconds"]
-    print(
-        f"\nAmazon Beauty, one epoch, model={args.size}, global batch {args.batch}, {os.cpu_count()} CPUs"
-    )
-    print(
-        f"{'path':34} {'seconds':>8} {'steps':>6} {'seq/s':>8} {'tokens/s':>9} {'peak RSS/worker MB':>19}"
-    )
-    names = {
-        "bare": "(a) PyTorch, 1 process x 2 threads",
-        "ray": "(b) Ray Train+DeepSpeed ZeRO-2, 2x1",
-    }
-    for mode, r in results.items():
-        print(
-            f"{names[mode]:34} {r['seconds']:8.1f} {r['steps']:6} {r['seq_per_s']:8.1f} {r['tokens_per_s']:9,} {r['peak_rss_mb_per_worker']:19,}"
-        )
-    for mode, r in runs.items():
-        print(f"{mode} seconds per run: {[x['seconds'] for x in r]}")
-    print(f"time ratio (b)/(a), medians of {args.repeat}: {ratio:.2f} (target <= 1.15)")
-    report = {
-        "size": args.size,
-        "global_batch": args.batch,
-        "cpus": os.cpu_count(),
-        "repeat": args.repeat,
-        "results": results,
-        "seconds_per_run": {m: [x["seconds"] for x in r] for m, r in runs.items()},
-        "time_ratio": round(ratio, 3),
-    }
+        runs[mode].append(run_path(mode, args, work))
     path = ROOT / "bench" / "results" / "train_throughput.json"
-    path.write_text(json.dumps(report, indent=2))
+    path.write_text(json.dumps(report(args, runs), indent=2))
     print(f"wrote {path}")
 
 

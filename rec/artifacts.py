@@ -30,53 +30,33 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
-import json
 import os
 import re
 import shutil
 import sys
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from rec import storage
+from rec.manifest import (
+    MANIFEST,
+    ArtifactError,
+    Manifest,
+    check_hashes,
+    check_size,
+    check_sizes_against,
+    content_id,  # noqa: F401 (part of the artefact API: tests and users check ids with it)
+    listing,
+    manifest_text,
+    read_manifest,
+)
 
-FORMAT = "raydiv-artifact/v1"
-MANIFEST = "MANIFEST.json"
 CURRENT = "CURRENT"
-KINDS = ("export", "checkpoint", "prepared", "policy")
 _VERSION = re.compile(r"^v-\d{8}T\d{12}Z-[0-9a-f]{8}$")
 _PART = re.compile(r"^[A-Za-z0-9_-]+$")
-_HASH_THREADS = 8
-_CHUNK = 8 << 20
-
-
-class ArtifactError(ValueError):
-    """An artefact that is missing, incomplete, truncated or altered; one line naming it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FileEntry:
-    path: str  # relative to the version directory, "/"-separated
-    size: int  # bytes
-    sha256: str  # hex digest
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    path: str  # the version directory this manifest describes (local path or URI)
-    kind: str
-    producer: str  # the job that wrote it, e.g. "jobs.train"
-    config: dict[str, Any]  # that job's config
-    created_at: str  # ISO 8601, UTC
-    content_id: str  # sha256 over the sorted (path, size, sha256) lines of its own files
-    files: tuple[FileEntry, ...]  # this manifest's files and those of its parts
-    parts: tuple[str, ...] = ()  # names of part manifests MANIFEST.<part>.json (ranks)
-    unlisted: tuple[str, ...] = ()  # files present but in no manifest (set by verify)
 
 
 def publish(
@@ -98,7 +78,7 @@ def publish(
         raise ArtifactError(f"{src}: not a directory (nothing to publish)")
     if (src / MANIFEST).exists():
         raise ArtifactError(f"{src}: {MANIFEST}: already there; publish plain files")
-    text = _manifest_text(os.fspath(src), kind, producer, config)
+    text = manifest_text(os.fspath(src), kind, producer, config)
     storage.check(dest)
     name = _version_name()
     if _is_local(dest):
@@ -129,7 +109,7 @@ def commit(staging: str, *, kind: str, producer: str, config: Any, keep: int | N
     name = base.removeprefix(".tmp-")
     if not _VERSION.match(name) or (base == name) == _is_local(staging):
         raise ArtifactError(f"{staging}: not a staging directory from artifacts.begin")
-    text = _manifest_text(staging, kind, producer, config)
+    text = manifest_text(staging, kind, producer, config)
     if _is_local(staging):
         version = _build_local(parent or ".", name, None, text, staging=staging)
     else:
@@ -155,7 +135,7 @@ def write_manifest(
     if part is not None and not _PART.match(part):
         raise ArtifactError(f"{directory}: part {part!r}: use letters, digits, '-' or '_'")
     path = storage.join(os.fspath(directory), MANIFEST if part is None else f"MANIFEST.{part}.json")
-    text = _manifest_text(os.fspath(directory), kind, producer, config, parts, part)
+    text = manifest_text(os.fspath(directory), kind, producer, config, parts, part)
     storage.write_text(path, text)
     return path
 
@@ -189,19 +169,19 @@ def verify(path: str, hashes: bool = True) -> Manifest:
     health check, a second open of the same version); never on first load.
     """
     version = resolve(path)
-    sizes = _listing(version)
-    manifest = _read_manifest(version, MANIFEST)
+    sizes = listing(version)
+    manifest = read_manifest(version, MANIFEST)
     files, own = list(manifest.files), {MANIFEST}
     for part in manifest.parts:
         name = f"MANIFEST.{part}.json"
         if name not in sizes:
             raise ArtifactError(f"{version}: {name}: missing (a part of this artefact)")
-        files += _read_manifest(version, name).files
+        files += read_manifest(version, name).files
         own.add(name)
     for entry in sorted(files, key=lambda e: e.path):
-        _check_size(version, entry, sizes.get(entry.path))
+        check_size(version, entry, sizes.get(entry.path))
     if hashes:
-        _check_hashes(version, files)
+        check_hashes(version, files)
     unlisted = sorted(set(sizes) - own - {e.path for e in files})
     return dataclasses.replace(manifest, files=tuple(files), unlisted=tuple(unlisted))
 
@@ -224,16 +204,16 @@ def fetch_subdir(path: str, rel: str, cache_root: str | os.PathLike) -> Path | N
     split of prepared data, for a Serve replica that needs nothing else); None when the
     manifest lists no file under it. Only that folder is copied and hashed."""
     version = resolve(path)
-    entries = [e for e in _read_manifest(version, MANIFEST).files if e.path.startswith(rel + "/")]
+    entries = [e for e in read_manifest(version, MANIFEST).files if e.path.startswith(rel + "/")]
     if not entries:
         return None
     local = storage.local_copy(storage.join(version, rel), cache_root)
     shifted = [dataclasses.replace(e, path=e.path[len(rel) + 1 :]) for e in entries]
     try:
-        sizes = _listing(os.fspath(local))
+        sizes = listing(os.fspath(local))
         for entry in shifted:
-            _check_size(os.fspath(local), entry, sizes.get(entry.path))
-        _check_hashes(os.fspath(local), shifted)
+            check_size(os.fspath(local), entry, sizes.get(entry.path))
+        check_hashes(os.fspath(local), shifted)
     except ArtifactError as err:
         raise ArtifactError(_from_copy(version, f"{rel}/", local, err)) from None
     return local
@@ -285,7 +265,7 @@ def _build_local(dest: str, name: str, fill, text: str, staging: str | None = No
         if fill is not None:
             fill(tmp)
         (tmp / MANIFEST).write_text(text)
-        _check_sizes_against(os.fspath(tmp), text)
+        check_sizes_against(os.fspath(tmp), text)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -297,7 +277,7 @@ def _upload_then_manifest(version: str, upload, text: str) -> None:
     """Object stores: every file first, then a size check, then MANIFEST.json last."""
     try:
         upload()
-        _check_sizes_against(version, text)
+        check_sizes_against(version, text)
         storage.write_text(storage.join(version, MANIFEST), text)
     except BaseException:
         with contextlib.suppress(storage.StorageError):
@@ -321,118 +301,6 @@ def _prune(dest: str, current: str, keep: int) -> None:
         name = base.removeprefix(".tmp-")
         if _VERSION.match(name) and name < current and base not in kept:
             storage.delete(child)
-
-
-# --- manifests and checks -----------------------------------------------------------------
-
-
-def _manifest_text(
-    directory: str,
-    kind: str,
-    producer: str,
-    config: Any,
-    parts: tuple[str, ...] = (),
-    part: str | None = None,
-) -> str:
-    if kind not in KINDS:
-        raise ArtifactError(f"{directory}: kind {kind!r}: expected one of {KINDS}")
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    sizes = {rel: size for rel, size in _listing(directory).items() if not _is_manifest_name(rel)}
-    if not sizes:
-        raise ArtifactError(f"{directory}: no files (nothing to publish)")
-    digests = _hash_all(directory, sorted(sizes))
-    files = [{"path": p, "size": sizes[p], "sha256": digests[p]} for p in sorted(sizes)]
-    body = {
-        "format": FORMAT,
-        "kind": kind,
-        "producer": producer,
-        "config": dict(config or {}),
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "content_id": content_id(FileEntry(**f) for f in files),
-        "parts": list(parts),
-        "part": part,
-        "files": files,
-    }
-    return json.dumps(body, indent=2, sort_keys=True, default=str) + "\n"
-
-
-def content_id(files) -> str:
-    """sha256 over the sorted "path<TAB>size<TAB>sha256" lines: equal contents, equal id."""
-    lines = sorted(f"{f.path}\t{f.size}\t{f.sha256}\n" for f in files)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def _is_manifest_name(rel: str) -> bool:
-    return "/" not in rel and (rel == MANIFEST or bool(re.match(r"^MANIFEST\.[^/]+\.json$", rel)))
-
-
-def _read_manifest(version: str, name: str) -> Manifest:
-    try:
-        raw = json.loads(storage.read_text(storage.join(version, name)))
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
-        files = tuple(FileEntry(f["path"], int(f["size"]), f["sha256"]) for f in raw["files"])
-        fields = ("kind", "producer", "config", "created_at", "content_id")
-        return Manifest(version, *(raw[k] for k in fields), files, tuple(raw.get("parts", ())))
-    except storage.StorageError:
-        raise ArtifactError(f"{version}: {name}: missing (incomplete or unpublished)") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ArtifactError(f"{version}: {name}: unreadable ({e!s:.200})") from e
-
-
-def _listing(directory: str) -> dict[str, int]:
-    """{relative path: size} of every file under `directory`, in one listing."""
-    fs, base = storage.filesystem(directory)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    except OSError as e:
-        raise ArtifactError(f"{directory}: cannot list ({' '.join(str(e).split())})") from e
-    return {i.path[len(base) :].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
-
-
-def _check_size(version: str, entry: FileEntry, size: int | None) -> None:
-    if size is None:
-        raise ArtifactError(f"{version}: {entry.path}: missing")
-    if size < entry.size:
-        raise ArtifactError(
-            f"{version}: {entry.path}: truncated ({size} bytes, manifest says {entry.size})"
-        )
-    if size > entry.size:
-        raise ArtifactError(
-            f"{version}: {entry.path}: altered ({size} bytes, manifest says {entry.size})"
-        )
-
-
-def _check_sizes_against(version: str, text: str) -> None:
-    """After a copy: every file the manifest lists arrived whole (sizes, one listing)."""
-    sizes = _listing(version)
-    for f in json.loads(text)["files"]:
-        _check_size(version, FileEntry(f["path"], f["size"], f["sha256"]), sizes.get(f["path"]))
-
-
-def _check_hashes(version: str, files: list[FileEntry]) -> None:
-    digests = _hash_all(version, [e.path for e in files])
-    for entry in sorted(files, key=lambda e: e.path):
-        if digests[entry.path] != entry.sha256:
-            raise ArtifactError(
-                f"{version}: {entry.path}: altered (sha256 {digests[entry.path][:12]}..., "
-                f"manifest says {entry.sha256[:12]}...)"
-            )
-
-
-def _hash_all(directory: str, rels: list[str]) -> dict[str, str]:
-    """sha256 of each file, in parallel (hashlib releases the GIL on large buffers)."""
-
-    def one(rel: str) -> str:
-        h = hashlib.sha256()
-        with storage.open_input(storage.join(directory, rel)) as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        return h.hexdigest()
-
-    with ThreadPoolExecutor(_HASH_THREADS) as pool:
-        return dict(zip(rels, pool.map(one, rels), strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

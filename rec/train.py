@@ -164,13 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
             maybe_inject_failure(cfg.inject_failure_at_step, rank, state["step"], spec.storage_dir)
             if _at_max_steps(cfg, state):
                 break
-        metrics = {"epoch": epoch + 1, "step": state["step"], **meter.summary()}
         done = _at_max_steps(cfg, state) or epoch + 1 == cfg.epochs
-        if (epoch + 1) % cfg.eval_every == 0 or done:
-            with full_parameters(engine, cfg.deepspeed.zero_stage):
-                metrics |= validate(engine.module, valid_shard, tables, cfg.eval_batch_size)
-            _track_best(state, metrics[SCORE])
-            metrics["best." + SCORE] = state["best"]
+        metrics = _epoch_metrics(engine, cfg, state, meter, epoch, done, (valid_shard, tables))
         state = after_epoch(state, epoch)
         state["history"] = [*state["history"], metrics]  # saved with the checkpoint
         patience = cfg.early_stop_patience
@@ -184,6 +179,20 @@ def train_loop_per_worker(config: dict) -> None:
             break
     if tracker:
         tracker.close()
+
+
+def _epoch_metrics(
+    engine, cfg: TrainConfig, state: dict, meter: EpochMeter, epoch: int, done: bool, valid
+) -> dict:
+    """The epoch's training metrics, and validation when due (every `eval_every` epochs and at
+    the end), which also moves the best score in `state`. valid: (valid shard, item tables)."""
+    metrics = {"epoch": epoch + 1, "step": state["step"], **meter.summary()}
+    if (epoch + 1) % cfg.eval_every == 0 or done:
+        with full_parameters(engine, cfg.deepspeed.zero_stage):
+            metrics |= validate(engine.module, *valid, cfg.eval_batch_size)
+        _track_best(state, metrics[SCORE])
+        metrics["best." + SCORE] = state["best"]
+    return metrics
 
 
 def _tracker(spec: TrainSpec, state: dict) -> Tracker | None:

@@ -46,6 +46,25 @@ RAY = str(BIN / "ray")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def start_session_ray(**init_kwargs) -> str:
+    """The test session's local Ray (2 CPUs, on loopback as a job's), with its dashboard: Ray's
+    REST API behind `serve deploy` / `serve status` and the state API that Ray Train's
+    controller polls. The dashboard gets a reserved port, exported as RAY_DASHBOARD_ADDRESS
+    (the `serve` CLI's default address) so a CLI a test runs talks to this Ray. Returns it."""
+    from jobs.common import RayConfig, start_local_ray
+
+    address = f"http://127.0.0.1:{free_port()}"
+    start_local_ray(
+        RayConfig(num_cpus=2, include_dashboard=True),
+        dashboard_port=int(address.rsplit(":", 1)[1]),
+        log_to_driver=False,
+        configure_logging=False,
+        **init_kwargs,
+    )
+    os.environ["RAY_DASHBOARD_ADDRESS"] = address
+    return address
+
+
 class JobFailed(AssertionError):
     """A submitted job ended in a state other than the one expected (message holds its logs)."""
 

@@ -46,13 +46,14 @@ def need(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray on 127.0.0.1 with 2 CPUs, shared by every test that needs one."""
+    """A local Ray on 127.0.0.1 with 2 CPUs and its dashboard, shared by every test that needs
+    one."""
     import ray
 
-    from jobs.common import RayConfig, start_local_ray
+    from tests.cluster_helpers import start_session_ray
 
     if not ray.is_initialized():  # bound to 127.0.0.1 as a job's (tests/test_loopback.py)
-        start_local_ray(RayConfig(num_cpus=2), log_to_driver=False, configure_logging=False)
+        start_session_ray()
     yield ray
     ray.shutdown()
 

@@ -47,7 +47,7 @@ FAST = [  # the smoke run, smaller still where it does not change what is tested
 def s3_ray(s3_server, ray_local, tmp_path_factory):
     """The AWS variables pointed at the S3 server, a bucket, and a local Ray whose workers get
     the same variables (a Ray started earlier in the session did not have them)."""
-    from jobs.common import RayConfig, start_local_ray
+    from tests.cluster_helpers import start_session_ray
     from tests.s3_server import create_bucket, point_aws_at
 
     tmp = tmp_path_factory.mktemp("aws")
@@ -57,18 +57,13 @@ def s3_ray(s3_server, ray_local, tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
         ray_local.shutdown()
         # On loopback like the session's Ray (and a job's): the later tests reuse this one.
-        start_local_ray(
-            RayConfig(num_cpus=2),
-            log_to_driver=False,
-            configure_logging=False,
-            runtime_env={"env_vars": env},
-        )
+        start_session_ray(runtime_env={"env_vars": env})
         yield "s3://stages"
     # A fresh Ray for the later tests: this one's workers point AWS at a server that is about
     # to stop, and its Train controllers may still be in their 30 s graceful shutdown; a
     # `serve.start` on that Ray once waited 12 min for its controller (full suite, session 7).
     ray_local.shutdown()
-    start_local_ray(RayConfig(num_cpus=2), log_to_driver=False, configure_logging=False)
+    start_session_ray()
 
 
 def in_empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -348,8 +348,8 @@ def prometheus_samples(ray, name: str, app: str) -> dict[str, float]:
 
 def test_serve_build_file_deploys_fused_with_app_metrics(server, ray_local, tmp_path) -> None:
     """`serve build serve.app:app` (fused, from $RAYDIV_APP_ARGS) writes a config file that
-    deploys as `serve deploy` deploys it (the controller's declarative deploy_apps, which the
-    dashboard's REST API calls), beside the fixture's app; its metrics reach Prometheus."""
+    `serve deploy` (Ray's CLI, through the session Ray's dashboard) deploys beside the fixture's
+    app; `serve status` reports it RUNNING; its metrics reach Prometheus."""
     import json
     import os
     import subprocess
@@ -357,8 +357,6 @@ def test_serve_build_file_deploys_fused_with_app_metrics(server, ray_local, tmp_
 
     import yaml
     from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
 
     catalog, _ = server
     args = {"model_dir": MODEL_DIR, "serve": {"fused": True, "max_k": 20}}
@@ -375,8 +373,21 @@ def test_serve_build_file_deploys_fused_with_app_metrics(server, ray_local, tmp_
     app_cfg.update(name="built", route_prefix="/built")
     app_cfg["runtime_env"] = {"env_vars": {"RAYDIV_APP_ARGS": env["RAYDIV_APP_ARGS"]}}
     app_cfg["deployments"][0]["ray_actor_options"]["num_cpus"] = 0.125
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=True)
+    out.write_text(yaml.safe_dump(raw))
+    # The dashboard's address: RAY_DASHBOARD_ADDRESS, set by the session's Ray (conftest).
+    subprocess.run([serve_cli, "deploy", out], check=True, timeout=120)
     try:
+        deadline = time.monotonic() + 120  # `serve deploy` returns once the request is sent
+        while True:
+            status = subprocess.run(
+                [serve_cli, "status", "--name", "built"], capture_output=True, text=True
+            )
+            state = yaml.safe_load(status.stdout or "{}") or {}
+            if state.get("status") == "RUNNING":
+                break
+            assert state.get("status") in (None, "NOT_STARTED", "DEPLOYING"), status.stdout
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(1)
         known = catalog.item_ids[1:6].tolist()
         for body in ({"history": known, "k": 5}, {"history": [], "k": 5}):
             resp = httpx.post(f"{URL}/built/recommend", json=body, timeout=30)
