@@ -15,15 +15,14 @@ endpoint `AWS_ENDPOINT_URL_S3` > `AWS_ENDPOINT_URL` > the profile's `endpoint_ur
 `AWS_REGION` > `AWS_DEFAULT_REGION` > the profile's `region`; credentials are left to the
 AWS SDK's default chain (environment, `AWS_PROFILE` + ~/.aws files, web identity,
 instance profile). A URI that cannot be opened raises `StorageError` (a ValueError) with
-one line naming it. No Ray import here: Ray gets `(path, filesystem)` from `for_ray`.
+one line naming it (the resolution is in rec/storage_fs.py, re-exported here). No Ray
+import here: Ray gets `(path, filesystem)` from `for_ray`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fnmatch
-import functools
 import hashlib
 import os
 import re
@@ -38,33 +37,29 @@ from typing import IO, TYPE_CHECKING
 import pyarrow.fs as pafs
 
 from rec import aws_env
+from rec.storage_fs import (
+    StorageError,
+    check,
+    errors,
+    filesystem,
+    is_uri,
+    local_path,
+    refuse_mangled,
+    scheme,
+)
 
 if TYPE_CHECKING:
     import polars as pl
     import pyarrow as pa
 
-_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://(.*)$")
-# "s3:/bucket/x": what pathlib makes of "s3://bucket/x". Never a path anyone meant.
-_MANGLED_URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
-_OBJECT_STORES = {"s3", "gs", "gcs", "abfs", "abfss"}
 _COPY_THREADS = 8
 _CHUNK = 8 << 20
-_GCS_RETRY_LIMIT = datetime.timedelta(seconds=60)
-
-
-class StorageError(ValueError):
-    """A path or URI that cannot be read or written; the message is one line naming it."""
-
-
-def is_uri(p: str | os.PathLike) -> bool:
-    """True for `scheme://...` (including file://); False for plain local paths."""
-    return isinstance(p, str) and _URI.match(p) is not None
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
     """`base/part/...` as a string; a URI keeps its `//`, a local path stays as given."""
     if not is_uri(base):
-        _refuse_mangled(os.fspath(base))
+        refuse_mangled(os.fspath(base))
         return os.path.join(os.fspath(base), *parts)
     out = str(base).rstrip("/")
     for part in parts:
@@ -72,18 +67,6 @@ def join(base: str | os.PathLike, *parts: str) -> str:
         if part:
             out = f"{out}/{part}"
     return out
-
-
-def local_path(p: str | os.PathLike) -> Path:
-    """A local path as a Path; refuses URIs, so none ever becomes a folder named `s3:`."""
-    text = os.fspath(p)
-    if is_uri(text):
-        scheme = _URI.match(text).group(1).lower()
-        if scheme != "file":
-            raise StorageError(f"{text}: a URI where a local path is needed (use local_copy)")
-        return Path(pafs.FileSystem.from_uri(text)[1])
-    _refuse_mangled(text)
-    return Path(text).expanduser()
 
 
 def absolute(p: str | os.PathLike) -> str:
@@ -117,117 +100,11 @@ def staged_dir(p: str | os.PathLike) -> Iterator[Path]:
             upload_dir(tmp, text)
 
 
-def _refuse_mangled(text: str) -> None:
-    if _MANGLED_URI.match(text):
-        raise StorageError(
-            f"{text}: looks like a URI whose '//' was lost (passed through pathlib?)"
-        )
-
-
-def filesystem(p: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path or a URI.
-
-    Contacts nothing, except on AWS itself with no region configured, where it asks S3 for
-    the bucket's region once (as pyarrow's FileSystem.from_uri does).
-    """
-    text = os.fspath(p)
-    if not is_uri(text):
-        return pafs.LocalFileSystem(), os.path.abspath(local_path(text))
-    scheme, rest = _URI.match(text).groups()
-    scheme = scheme.lower()
-    try:
-        if scheme == "s3":
-            bucket = rest.split("/", 1)[0]
-            if not bucket:
-                raise StorageError(f"{text}: no bucket in the URI")
-            return _s3_filesystem(bucket), rest.rstrip("/")
-        if scheme in ("gs", "gcs"):
-            # pyarrow's default retries for 15 minutes, e.g. when no credentials are found
-            return pafs.GcsFileSystem(retry_time_limit=_GCS_RETRY_LIMIT), rest.rstrip("/")
-        if scheme in ("abfs", "abfss", "file", "hdfs", "viewfs"):
-            fs, path = pafs.FileSystem.from_uri(text)
-            return fs, path.rstrip("/") or path
-        return _fsspec_filesystem(scheme, text)
-    except StorageError:
-        raise
-    except (OSError, ValueError, ImportError) as e:
-        raise StorageError(f"{text}: cannot open: {_one_line(e)}") from e
-
-
-def _s3_filesystem(bucket: str) -> pafs.S3FileSystem:
-    endpoint = aws_env.s3_endpoint()
-    region = aws_env.region()
-    if region is None and endpoint is None:
-        region = _bucket_region(bucket)  # what FileSystem.from_uri does for AWS itself
-    kwargs: dict = {"endpoint_override": endpoint, "region": region}
-    return pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
-
-
-@functools.lru_cache(maxsize=64)
-def _bucket_region(bucket: str) -> str | None:
-    try:
-        return pafs.resolve_s3_region(bucket)
-    except OSError:
-        return None  # let the SDK's default apply; the first real request names the error
-
-
-def _fsspec_filesystem(scheme: str, uri: str) -> tuple[pafs.FileSystem, str]:
-    import fsspec  # only for schemes pyarrow has no native filesystem for (memory://, az://)
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    text = re.sub(r"\s*\(Request ID: [^)]*\)", "", text)
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-@contextlib.contextmanager
-def _errors(uri: str, action: str) -> Iterator[None]:
-    """Turn pyarrow/OS errors into one StorageError line naming `uri`."""
-    try:
-        yield
-    except StorageError:
-        raise
-    except FileNotFoundError as e:
-        if is_uri(uri):
-            check(uri)  # a missing bucket says so, rather than "not found"
-        raise StorageError(f"{uri}: not found (cannot {action})") from e
-    except (OSError, ValueError) as e:
-        raise StorageError(f"{uri}: cannot {action}: {_one_line(e)}{_hint(uri)}") from e
-
-
-def _hint(uri: str) -> str:
-    if not is_uri(uri) or not uri.lower().startswith("s3://"):
-        return ""
-    endpoint = aws_env.s3_endpoint() or "AWS default"
-    creds = "" if aws_env.credentials_found() else ", no AWS credentials in env or ~/.aws"
-    return f" [endpoint {endpoint}, region {aws_env.region() or 'SDK default'}{creds}]"
-
-
-def check(p: str | os.PathLike) -> None:
-    """Fail now, with one line, if the bucket/container of a URI is missing or unreachable."""
-    text = os.fspath(p)
-    if not is_uri(text):
-        local_path(text)
-        return
-    fs, path = filesystem(text)
-    if _URI.match(text).group(1).lower() not in _OBJECT_STORES:
-        return
-    bucket = path.split("/", 1)[0]
-    with _errors(text, "reach the bucket"):
-        info = fs.get_file_info(bucket)
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"{text}: bucket {bucket!r} does not exist{_hint(text)}")
-
-
 def exists(p: str | os.PathLike) -> bool:
     """True when a file or directory (prefix) exists; a missing bucket raises StorageError."""
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "stat"):
+    with errors(text, "stat"):
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             return True
     check(text)
@@ -236,7 +113,7 @@ def exists(p: str | os.PathLike) -> bool:
 
 def makedirs(p: str | os.PathLike) -> None:
     """mkdir -p for local paths; nothing on object stores (prefixes need no markers)."""
-    if is_uri(p) and _URI.match(os.fspath(p)).group(1).lower() != "file":
+    if is_uri(p) and scheme(p) != "file":
         return
     local_path(p).mkdir(parents=True, exist_ok=True)
 
@@ -244,7 +121,7 @@ def makedirs(p: str | os.PathLike) -> None:
 def read_bytes(p: str | os.PathLike) -> bytes:
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "read"), fs.open_input_stream(path) as f:
+    with errors(text, "read"), fs.open_input_stream(path) as f:
         return f.read()
 
 
@@ -266,7 +143,7 @@ def open_input(p: str | os.PathLike, decompress: bool = False) -> IO[bytes]:
     """A readable binary stream; decompress=True unpacks by extension (.gz, .zst, .bz2)."""
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "open"):
+    with errors(text, "open"):
         return fs.open_input_stream(path, compression="detect" if decompress else None)
 
 
@@ -290,7 +167,7 @@ def open_output(p: str | os.PathLike) -> Iterator[IO[bytes]]:
         if local:
             os.replace(tmp, path)
         else:
-            with _errors(text, "write"):
+            with errors(text, "write"):
                 _copy_file(pafs.LocalFileSystem(), tmp, fs, path)
     finally:
         if os.path.exists(tmp):
@@ -305,7 +182,7 @@ def _copy_file(src_fs: pafs.FileSystem, src: str, dst_fs: pafs.FileSystem, dst: 
 
 def _files_or_raise(text: str, fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     """`_list_files`, or one StorageError naming `text` (a bad bucket or nothing there)."""
-    with _errors(text, "list"):
+    with errors(text, "list"):
         files = _list_files(fs, path)
     if not files:
         check(text)  # names a missing bucket or refused credentials first
@@ -333,7 +210,7 @@ def listdir(p: str | os.PathLike) -> list[str]:
     """Direct children of a directory/prefix, as full paths/URIs in the form of `p`."""
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "list"):
+    with errors(text, "list"):
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(join(text, _relative(path, i.path)) for i in infos)
 
@@ -342,7 +219,7 @@ def glob(p: str | os.PathLike, pattern: str = "*.parquet") -> list[str]:
     """Files under `p` (recursive) whose path relative to `p` matches `pattern`, sorted."""
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "list"):
+    with errors(text, "list"):
         infos = _list_files(fs, path)
     rels = (_relative(path, i.path) for i in infos)
     return [join(text, rel) for rel in rels if rel and fnmatch.fnmatch(rel, pattern)]
@@ -352,7 +229,7 @@ def delete(p: str | os.PathLike) -> None:
     """Remove a file or a whole directory/prefix; nothing if it does not exist."""
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "delete"):
+    with errors(text, "delete"):
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
             fs.delete_file(path)
@@ -380,7 +257,7 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> int:
     def one(pair: tuple[str, str]) -> None:
         _copy_file(src_fs, pair[0], dst_fs, pair[1])
 
-    with _errors(src_text, f"copy to {dst_text}"), ThreadPoolExecutor(_COPY_THREADS) as pool:
+    with errors(src_text, f"copy to {dst_text}"), ThreadPoolExecutor(_COPY_THREADS) as pool:
         list(pool.map(one, zip([i.path for i in files], targets, strict=True)))
     return len(files)
 
@@ -423,7 +300,7 @@ def local_copy(p: str | os.PathLike, cache_root: str | os.PathLike) -> Path:
     from filelock import FileLock
 
     text = os.fspath(p)
-    if not is_uri(text) or _URI.match(text).group(1).lower() == "file":
+    if not is_uri(text) or scheme(text) == "file":
         return local_path(text)
     root = local_path(cache_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -461,7 +338,7 @@ def read_arrow(p: str | os.PathLike, columns: list[str] | None = None) -> pa.Tab
 
     text = os.fspath(p)
     fs, path = filesystem(text)
-    with _errors(text, "read parquet"):
+    with errors(text, "read parquet"):
         if fs.get_file_info(path).type == pafs.FileType.NotFound:
             check(text)
             raise FileNotFoundError(path)
@@ -483,7 +360,7 @@ def polars_storage_options(p: str | os.PathLike) -> dict[str, str] | None:
     Older polars releases ignore AWS_ENDPOINT_URL; passing it explicitly works in all.
     """
     text = os.fspath(p)
-    if not (is_uri(text) and _URI.match(text).group(1).lower() == "s3"):
+    if not (is_uri(text) and scheme(text) == "s3"):
         return None
     options = {"aws_endpoint_url": aws_env.s3_endpoint(), "aws_region": aws_env.region()}
     return {k: v for k, v in options.items() if v} or None
