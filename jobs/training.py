@@ -57,6 +57,7 @@ def train_spec(cfg: RunConfig, storage_dir: str | Path) -> TrainSpec:
         storage_dir=storage.absolute(storage_dir),
         extensions_dir=str(ROOT / ".cache" / "torch_extensions"),
         tracking=tracking_target(storage.absolute(cfg.output_dir)),
+        valid_max_users=resolve_max_users(cfg.eval, meta["n_items"]),
     )
 
 

@@ -59,11 +59,17 @@ def training_dataset(
 
 
 def rank_parts(
-    prepared_dir: str | Path, split: str, world: int, max_len: int, seed: int
+    prepared_dir: str | Path,
+    split: str,
+    world: int,
+    max_len: int,
+    seed: int,
+    max_rows: int | None = None,
 ) -> list[ray.data.MaterializedDataset]:
     """`world` equal parts of `split` as materialized datasets of padded examples, part r for
     rank r: the same rows, in the same order, on the same rank in every fit, whatever the
-    cluster (the last `len % world` rows are dropped).
+    cluster (the last `len % world` rows are dropped). max_rows: keep only the first that many
+    rows of the seeded order, i.e. a seeded sample of users (validation at a large catalogue).
 
     The split is read whole by the driver and put in a seeded order of its user ids (a
     function of the seed and the ids alone: prepared files are ordered, and unshuffled one
@@ -82,6 +88,8 @@ def rank_parts(
         frame = frame.filter(pl.col("items").list.len() >= 2)  # drops it, so drop it before the cut
     key = _order_key(frame["user_id"].to_numpy(), seed)
     frame = frame.with_columns(pl.Series(ORDER_KEY, key)).sort([ORDER_KEY, "user_id"])
+    if max_rows is not None:
+        frame = frame.head(max_rows)
     per_rank = frame.height // world
     parts = []
     for rank in range(world):
@@ -95,6 +103,18 @@ def rank_parts(
         part.context.enable_progress_bars = False
         parts.append(part)
     return parts
+
+
+def sampled_dataset(
+    prepared_dir: str | Path, split: str, max_len: int, max_rows: int | None, seed: int
+) -> ray.data.Dataset:
+    """`training_dataset` of `split`, streamed, thinned to about `max_rows` rows by a seeded
+    Bernoulli sample (Ray Data's random_sample) when the split has more; every row otherwise."""
+    ds = training_dataset(prepared_dir, split, max_len)
+    if max_rows is None:
+        return ds
+    rows = storage.read_parquet(storage.join(prepared_dir, split), columns=["user_id"]).height
+    return ds if rows <= max_rows else ds.random_sample(max_rows / rows, seed=seed)
 
 
 def _order_key(user_ids: np.ndarray, seed: int) -> np.ndarray:

@@ -41,8 +41,8 @@ from rec.ray_dataset import (
     BatchCollate,
     ordered_ingest,
     rank_parts,
+    sampled_dataset,
     shard_name,
-    training_dataset,
 )
 from rec.recommender import build_recommender
 from rec.resume import after_epoch, batch_seed, checkpoint_due, epoch_rng, resume_batches
@@ -65,6 +65,9 @@ class TrainSpec:
     storage_dir: str  # Ray Train run storage (checkpoints): a local path or a URI
     extensions_dir: str  # TORCH_EXTENSIONS_DIR for DeepSpeed's compiled ops
     tracking: TrackingTarget | None = None  # curves, MLflow, TensorBoard (None: none written)
+    # Per-epoch validation on at most this many users, a seeded sample (eval.max_users resolved
+    # by catalogue size: at Taobao's scale validating every user costs more than the epoch).
+    valid_max_users: int | None = None
 
 
 def fit(spec: TrainSpec, name: str = "train", callbacks: list | None = None) -> ray.train.Result:
@@ -112,11 +115,17 @@ def _datasets(spec: TrainSpec) -> tuple[dict, DataConfig | None]:
     (tests/test_step_checkpoints.py). Without: streamed, split by Ray Train as it reads."""
     cfg = spec.train
     names = ("train", "valid")
+    limit = {"train": None, "valid": spec.valid_max_users}
     if not cfg.materialize_data:
-        return {n: training_dataset(spec.prepared_dir, n, spec.model.max_len) for n in names}, None
+        return {
+            n: sampled_dataset(spec.prepared_dir, n, spec.model.max_len, limit[n], cfg.seed)
+            for n in names
+        }, None
     datasets = {}
     for name in names:
-        parts = rank_parts(spec.prepared_dir, name, cfg.num_workers, spec.model.max_len, cfg.seed)
+        parts = rank_parts(
+            spec.prepared_dir, name, cfg.num_workers, spec.model.max_len, cfg.seed, limit[name]
+        )
         datasets.update({shard_name(name, rank): part for rank, part in enumerate(parts)})
     return datasets, ordered_ingest()
 

@@ -68,6 +68,35 @@ def same_weights_as_checkpoint(export: Path) -> None:
         assert torch.equal(exported[name], value.float()), name
 
 
+def test_validation_users_are_a_seeded_sample_at_scale(prepared):
+    """train_spec's valid_max_users (eval.max_users at a large catalogue): the rank parts keep
+    the first users of the fixed seeded order -- the same sample in every fit, another seed
+    another sample -- and the streamed path thins the split the same way by a seeded draw."""
+    from rec import artifacts
+    from rec.ray_dataset import rank_parts, sampled_dataset
+
+    data = artifacts.resolve(str(prepared))
+
+    def rows(parts) -> list[bytes]:
+        out = []
+        for part in parts:
+            for b in part.iter_batches(batch_format="numpy"):
+                out += [
+                    t.tobytes() + x.tobytes()
+                    for t, x in zip(b["targets"], b["items"], strict=True)
+                ]
+        return out
+
+    every = rows(rank_parts(data, "valid", 2, 20, seed=0))
+    some = rows(rank_parts(data, "valid", 2, 20, seed=0, max_rows=6))
+    assert len(every) > 20 and len(some) == 6 and set(some) < set(every)
+    assert rows(rank_parts(data, "valid", 2, 20, seed=0, max_rows=6)) == some
+    assert set(rows(rank_parts(data, "valid", 2, 20, seed=1, max_rows=6))) != set(some)
+    assert sampled_dataset(data, "valid", 20, None, seed=0).count() >= len(every)
+    streamed = sampled_dataset(data, "valid", 20, len(every) // 4, seed=0).count()
+    assert 0 < streamed < len(every)
+
+
 EARLY_STOP = ["train.epochs=8", "train.early_stop_patience=0", "train.lr=0.01"]
 
 
