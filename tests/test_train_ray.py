@@ -82,8 +82,7 @@ def test_validation_users_are_a_seeded_sample_at_scale(prepared):
         for part in parts:
             for b in part.iter_batches(batch_format="numpy"):
                 out += [
-                    t.tobytes() + x.tobytes()
-                    for t, x in zip(b["targets"], b["items"], strict=True)
+                    t.tobytes() + x.tobytes() for t, x in zip(b["targets"], b["items"], strict=True)
                 ]
         return out
 
