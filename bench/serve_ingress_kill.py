@@ -1,21 +1,27 @@
-"""An ingress replica killed (SIGKILL) under load: what the clients see, by ingress path.
+"""Ingress replicas killed (SIGKILL) under load: what the clients see, with and without the
+proxy's replay (serve/proxy_retry.py), with 1 and 2 ingress replicas.
 
-    flock /tmp/ray.lock python bench/serve_ingress_kill.py --model-dir outputs/serve_beauty
+    flock /tmp/ray.lock timeout 480 python bench/serve_ingress_kill.py \
+        --model-dir outputs/serve_beauty
 
 Ray's HTTP proxy answers 500 for requests in flight on an ingress replica that dies (it maps
-the RayActorError to 500 and does not retry; a request router only picks a replica before
-sending). With RAY_SERVE_ENABLE_HA_PROXY=1, HAProxy talks to the ingress replicas directly and
-its `retry-on` policy is Ray's RAY_SERVE_HAPROXY_RETRY_ON (default `conn-failure`: nothing was
-sent); adding `empty-response` replays a request whose replica closed the connection without
-an answer -- safe here, recommendations are idempotent.
+the RayActorError to 500 and does not retry). serve.proxy_retries (default 2) installs
+serve/proxy_retry.py in the proxy through Ray's RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH:
+such a request is replayed on another replica, or answered 503 + Retry-After when none
+answers within serve.proxy_retry_wait_s.
 
-Per run: the fused app with 2 ingress replicas, 4 closed-loop clients; after 5 s one Ingress
-replica process is SIGKILLed, 20 s later the clients stop. Reports answers by status.
-Writes bench/results/serve_ingress_kill.json.
+Per run: the fused app (the default: one deployment, so its ingress replicas are every
+replica), Serve's limits as serve/config.yaml (2 running + 2 queued per replica), 4
+closed-loop clients; three times, once every replica is up and has run 4 s, one Ingress
+replica process is SIGKILLed; the clients stop 4 s after the last kill. Reports answers by
+status (and how many 503s are the replay's own) and the slowest answer. Writes
+bench/results/serve_ingress_kill_retry.json (session 7's HAProxy runs:
+serve_ingress_kill.json).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -30,25 +36,22 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.serve_load import user_ids  # noqa: E402
-from bench.serve_throughput import CONFIGS, TPUT, free_port, start, stop  # noqa: E402
+from bench.serve_throughput import CONFIGS, free_port, start, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TWO = ["serve.fused=true", "serve.replicas=2"]
-HAPROXY = {**TPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+LIMITS = ["serve.ingress.max_ongoing_requests=2", "serve.ingress.max_queued_requests=2"]
 RUNS = {
-    "proxy (default)": ({}, TWO),
-    "haproxy, retry-on conn-failure (Ray's default)": (HAPROXY, TWO),
-    "haproxy, retry-on conn-failure empty-response": (
-        {**HAPROXY, "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response"},
-        TWO,
-    ),
-}
+    f"{n} replica{'s' * (n > 1)}, {name}": ({}, ["serve.fused=true", f"serve.replicas={n}",
+                                                 *LIMITS, f"serve.proxy_retries={retries}"])
+    for n in (1, 2)
+    for name, retries in (("Ray's proxy alone", 0), ("proxy replay", 2))
+}  # fmt: skip
+KILLS, GAP_S = 3, 4.0
 
 
 def ingress_replicas(root_pid: int) -> list[psutil.Process]:
-    root = psutil.Process(root_pid)
     found = []
-    for proc in root.children(recursive=True):
+    for proc in psutil.Process(root_pid).children(recursive=True):
         try:
             if "Ingress" in " ".join(proc.cmdline()):
                 found.append(proc)
@@ -57,52 +60,79 @@ def ingress_replicas(root_pid: int) -> list[psutil.Process]:
     return found
 
 
-async def load(base, users, seconds, kill_at, victim) -> list[int]:
-    codes: list[int] = []
-    async with httpx.AsyncClient(timeout=30) as client:
+async def load(base: str, users, root_pid: int, n: int) -> tuple[list[tuple], list[str]]:
+    """4 closed-loop clients (no pause after a 503: the pressure stays on) while KILLS times
+    a live Ingress replica is killed, each once all n are up (the previous one replaced) and
+    the clients ran GAP_S more; they stop GAP_S after the last kill. Answers: (status,
+    seconds, whether a 503 is the replay's own)."""
+    answers: list[tuple] = []
+    kills: list[str] = []
+    done = asyncio.Event()
+    async with httpx.AsyncClient(timeout=60) as client:
 
         async def one(seed: int) -> None:
-            rng, end = np.random.default_rng(seed), time.perf_counter() + seconds
-            while time.perf_counter() < end:
+            rng = np.random.default_rng(seed)
+            while not done.is_set():
+                t = time.perf_counter()
                 try:
                     body = {"user_id": int(rng.choice(users)), "k": 10}
-                    code = (await client.post(f"{base}/recommend", json=body)).status_code
+                    resp = await client.post(f"{base}/recommend", json=body)
+                    code, mine = resp.status_code, "no ingress replica" in resp.text
                 except httpx.HTTPError:
-                    code = -1
-                codes.append(code)
+                    code, mine = -1, False
+                answers.append((code, time.perf_counter() - t, mine))
 
         async def killer() -> None:
-            await asyncio.sleep(kill_at)
-            os.kill(victim.pid, signal.SIGKILL)
+            t0 = time.perf_counter()
+            for _ in range(KILLS):
+                await asyncio.sleep(GAP_S)
+                while len(live := ingress_replicas(root_pid)) < n:
+                    await asyncio.sleep(0.2)
+                await asyncio.sleep(GAP_S)  # let the replacement take load first
+                os.kill(ingress_replicas(root_pid)[0].pid, signal.SIGKILL)
+                kills.append(f"{time.perf_counter() - t0:.1f}s: 1 of {len(live)}")
+            await asyncio.sleep(GAP_S)
+            done.set()
 
         await asyncio.gather(killer(), *(one(s) for s in range(4)))
-    return codes
+    return answers, kills
 
 
-def main() -> int:
-    model_dir = (
-        sys.argv[sys.argv.index("--model-dir") + 1]
-        if "--model-dir" in sys.argv
-        else ("outputs/serve_beauty")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", default="outputs/serve_beauty")
+    parser.add_argument("--only", nargs="*", help="run names containing any of these")
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "serve_ingress_kill_retry.json")
     )
-    users = user_ids(model_dir)
+    args = parser.parse_args(argv)
+    users = user_ids(args.model_dir)
     results = []
     for name, (env, overrides) in RUNS.items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         CONFIGS[name] = (env, overrides)
         port = free_port()
-        proc = start(name, model_dir, port)
+        proc = start(name, args.model_dir, port)
         try:
-            replicas = ingress_replicas(proc.pid)
-            res = {"run": name, "ingress_replicas": len(replicas)}
-            if replicas:
-                codes = asyncio.run(load(f"http://127.0.0.1:{port}", users, 25, 5, replicas[0]))
-                res["codes"] = {str(c): codes.count(c) for c in sorted(set(codes))}
+            n = int(overrides[1].split("=")[1])
+            answers, kills = asyncio.run(load(f"http://127.0.0.1:{port}", users, proc.pid, n))
         finally:
             stop(proc)
+        codes = [c for c, _, _ in answers]
+        res = {
+            "run": name,
+            "overrides": overrides,
+            "kills": kills,
+            "codes": {str(c): codes.count(c) for c in sorted(set(codes))},
+            "503_from_replay": sum(mine for _, _, mine in answers),
+            "seconds": round(sum(t for _, t, _ in answers) / 4, 1),
+            "slowest_s": round(max(t for _, t, _ in answers), 2),
+            "load1": round(os.getloadavg()[0], 1),
+        }
         print(json.dumps(res), flush=True)
         results.append(res)
-    out = ROOT / "bench" / "results" / "serve_ingress_kill.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

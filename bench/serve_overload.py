@@ -11,6 +11,10 @@ p99 of the ingress's own `timings_ms.total` for those (time inside the ingress r
 rest is the HTTP proxy, the client and waiting for a CPU), and the 503s' p50. The clients run
 in this process, on the same cores as the server: on a small machine their own scheduling is
 part of every latency measured. Writes bench/results/serve_overload.json.
+
+--modes SERVER ... (round 3): per server, the unloaded phase once, then 64 clients in each of
+MODES (hammer / Retry-After, generator at nice 0 / 19), recording the generator's own
+event-loop lag as well.
 """
 
 from __future__ import annotations
@@ -82,11 +86,21 @@ RUNS = {
 }
 
 
-async def clients(base, users, n, seconds, backoff) -> list[tuple]:
+async def clients(base, users, n, seconds, backoff, lag=None) -> list[tuple]:
     """n closed-loop clients for `seconds`: (status, client seconds, ingress total ms, seconds
-    from the start to the request's send)."""
+    from the start to the request's send). backoff after a 503: seconds (0: hammer, retry at
+    once) or "retry-after". lag: a list that receives the generator's own event-loop lag (s
+    by which a 10 ms sleep overslept), sampled throughout: the time any answer waited in this
+    process before its client saw it."""
     out: list[tuple] = []
     t0 = time.perf_counter()
+
+    async def probe() -> None:
+        while time.perf_counter() - t0 < seconds:
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lag.append(time.perf_counter() - t - 0.01)
+
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
@@ -105,8 +119,10 @@ async def clients(base, users, n, seconds, backoff) -> list[tuple]:
                 if code == 503:
                     wait = resp.headers.get("retry-after") if backoff == "retry-after" else None
                     await asyncio.sleep(float(wait) if wait else float(backoff))
+                elif code == -1:
+                    await asyncio.sleep(0.05)
 
-        await asyncio.gather(*(one(s) for s in range(n)))
+        await asyncio.gather(*(one(s) for s in range(n)), *([probe()] if lag is not None else []))
     return out
 
 
@@ -154,15 +170,76 @@ def run(name, model_dir, users, seconds) -> dict:
     return res
 
 
+WORKERS_NICE_0 = {"RAY_worker_niceness": "0"}
+
+# Round 3: one server, its unloaded phase, then 64 clients in each of these modes in turn:
+# how a 503'd client returns (0: at once, hammering; "retry-after": as told) and the
+# generator's niceness (19: it leaves the CPUs to the server, as clients on other machines
+# would; the server's processes stay at 0).
+MODES = {
+    "hammer": (0.0, 0),
+    "Retry-After": ("retry-after", 0),
+    "hammer, clients nice 19": (0.0, 19),
+    "Retry-After, clients nice 19": ("retry-after", 19),
+}
+SERVERS = {
+    "fused 2+2": ("fused", quiet(limits(2, 2)), {}),  # serve/config.yaml's limits
+    # Ray starts its workers (proxy, replicas) at nice 15 (RAY_worker_niceness): below the
+    # clients and anything else on the machine. The same server with them at 0:
+    "fused 2+2, Ray workers nice 0": ("fused", quiet(limits(2, 2)), WORKERS_NICE_0),
+    "bare app 2": ("bare", admit(2), {}),  # the no-Ray control, its model in a thread
+}
+
+
+def run_modes(server: str, model_dir: str, users, seconds: float) -> dict:
+    config, overrides, env = SERVERS[server]
+    CONFIGS[f"{config}*"] = (
+        {**CONFIGS[config][0], **env},
+        [*(CONFIGS[config][1] or []), *overrides],
+    )
+    port = free_port()
+    proc = start(f"{config}*", model_dir, port)
+    base = f"http://127.0.0.1:{port}"
+    res = {"server": server, "overrides": overrides, "env": env}
+    try:
+        asyncio.run(clients(base, users, 1, 3.0, 0.0))  # warm-up
+        lag: list[float] = []
+        res["alone"] = summary(asyncio.run(clients(base, users, 1, seconds, 0.0, lag)))
+        res["alone"]["client_lag_p99_ms"] = round(float(np.percentile(lag, 99)) * 1e3, 1)
+        for mode, (backoff, nice) in MODES.items():
+            lag = []
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+            try:
+                over = summary(asyncio.run(clients(base, users, 64, seconds, backoff, lag)))
+            finally:
+                os.setpriority(os.PRIO_PROCESS, 0, 0)
+            over["admitted_per_s"] = round(int(over["codes"].get("200", 0)) / seconds, 1)
+            over["client_lag_p99_ms"] = round(float(np.percentile(lag, 99)) * 1e3, 1)
+            over["ratio_p99"] = round(over["admitted_p99_ms"] / res["alone"]["admitted_p99_ms"], 2)
+            over["load_average_1m"] = round(os.getloadavg()[0], 2)
+            res[mode] = over
+            print(json.dumps({"server": server, "mode": mode, **over}), flush=True)
+            time.sleep(2.0)  # the last answers drain
+    finally:
+        stop(proc)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default="outputs/serve_beauty")
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument(
+        "--modes", nargs="+", choices=list(SERVERS), help="round 3: these servers x MODES"
+    )
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_overload.json"))
     args = parser.parse_args(argv)
     users = user_ids(args.model_dir)
-    results = [run(name, args.model_dir, users, args.duration) for name in args.runs]
+    if args.modes:
+        results = [run_modes(name, args.model_dir, users, args.duration) for name in args.modes]
+    else:
+        results = [run(name, args.model_dir, users, args.duration) for name in args.runs]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "runs": results}, indent=2))
     print(f"[serve_overload] wrote {args.out}")

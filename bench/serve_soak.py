@@ -1,7 +1,7 @@
 """Soak: a steady request rate for minutes; errors and the memory of Serve's processes.
 
     flock /tmp/ray.lock python bench/serve_soak.py --model-dir outputs/serve_beauty \
-        --rate 60 --minutes 10
+        --rate 60 --minutes 10        # or --rate-fraction 0.5: half the maximum measured first
 
 Starts jobs.serve (--config-name: a bench/serve_throughput.py configuration, default fused;
 --set: more overrides), warms up (--warmup s, default 60) at --rate (imports, allocator and
@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.serve_load import user_ids  # noqa: E402
+from bench.serve_load import level, user_ids  # noqa: E402
 from bench.serve_throughput import CONFIGS, free_port, start, stop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default="outputs/serve_beauty")
     parser.add_argument("--config-name", default="fused", choices=list(CONFIGS))
     parser.add_argument("--set", action="append", default=[], help="a.b=value for jobs.serve")
-    parser.add_argument("--rate", type=float, required=True, help="requests per second")
+    rate = parser.add_mutually_exclusive_group(required=True)
+    rate.add_argument("--rate", type=float, help="requests per second")
+    rate.add_argument(
+        "--rate-fraction",
+        type=float,
+        help="this fraction of the maximum throughput measured first on the same server "
+        "(closed loop, concurrency 8, 20 s: bench/serve_load.py's level)",
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds before RSS is taken")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_soak.json"))
@@ -135,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     samples: list[tuple[float, dict[str, int]]] = []
     results: list[tuple[int, float]] = []
+    measured = None
     try:
+        if args.rate_fraction:  # the maximum under this run's conditions (load included)
+            measured = asyncio.run(level(base, users, 8, 20.0, 5.0))
+            print(f"[soak] maximum: {json.dumps(measured)}", flush=True)
+            args.rate = round(args.rate_fraction * measured["requests_per_s"], 1)
         asyncio.run(open_loop(base, users, args.rate, args.warmup, []))
         samples.append((0.0, session_rss(proc.pid)))
 
@@ -150,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(proc)
     out = report(samples, results, args.rate, args.minutes, args.config_name)
+    out.update(overrides=args.set, maximum=measured, rate_fraction=args.rate_fraction)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "rss_growth_pct_by_process"}))

@@ -9,8 +9,9 @@ running Serve app, over HTTP.
 policy_dir is a jobs.train_policy output (the policy, the env config it was trained under and
 world.npz). Arms: `ab.lams` (lam sent in each request) and the served policy (`ab.policy`).
 Episodes: the held-out users and seeds of train_policy's evaluation (common random numbers).
-Each arm also plays offline on the served world (rl/online.py says why that is exact for fixed
-lam). Writes <output_dir>/ab_test.json and prints a table: per arm return, clicks, session
+Each arm also plays offline on the served world (rl/online.py says why that is exact, the
+policy arm included: each request carries the session so far and the served policy replays it
+into the env's observation). Writes <output_dir>/ab_test.json and prints a table: per arm return, clicks, session
 length, ILD with cluster-bootstrap 95 % CIs over users. Starts no Ray (the policy's RLModule
 is loaded for the offline arm only).
 """

@@ -47,6 +47,7 @@ def run(cfg: RunConfig, block: bool = True) -> str:
     serve.start(
         proxy_location=cfg.serve.proxy_location,
         http_options={"host": cfg.serve.host, "port": cfg.serve.port},
+        controller_options=_controller_options(cfg),
     )
     serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
@@ -61,6 +62,19 @@ def run(cfg: RunConfig, block: bool = True) -> str:
             log.info("shutting down")
             serve.shutdown()
     return url
+
+
+def _controller_options(cfg: RunConfig) -> dict | None:
+    """The replay of requests whose ingress replica died (serve/proxy_retry.py), installed in
+    Ray's HTTP proxy through the controller's environment, which the proxy inherits. Applied
+    only where this job starts Serve (a running Serve keeps its proxy and says so)."""
+    from serve import proxy_retry
+
+    s = cfg.serve
+    if not s.proxy_retries:
+        return None
+    env = proxy_retry.controller_env(s.proxy_retries, s.proxy_retry_wait_s, s.retry_after_s)
+    return {"runtime_env": {"env_vars": env}}
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -29,7 +29,7 @@ from rec import ann, artifacts, storage
 from rec.data.batch import collate, length_batches
 from rec.data.splits import load_examples, load_item_tables
 from rec.evaluation import EvalConfig, evaluate, resolve_max_users, sample_users
-from rec.export import load_export, save_hf_backbone
+from rec.export import load_export, plain_llama, read_export_config, save_hf_backbone
 from rec.logs import get_logger
 from rec.model import ModelConfig
 from rec.ray_checkpoints import lineage
@@ -98,7 +98,10 @@ def publish_export(checkpoint_dir: Path, checkpoint: str, prepared: str, dest: s
     with tempfile.TemporaryDirectory(prefix="raydiv-export-") as tmp:
         build = Path(tmp) / "export"
         shutil.copytree(checkpoint_dir / "export", build)
-        save_hf_backbone(build)  # backbone/: the decoder as a transformers model directory
+        if plain_llama(read_export_config(build)[0]):  # else a layer transformers lacks
+            save_hf_backbone(build)  # backbone/: the decoder as a transformers model directory
+        else:
+            log.info("no backbone/ in the export: model.freq_mix is not a plain Llama layer")
         state = json.loads((checkpoint_dir / "state.json").read_text())
         storage.download_dir(storage.join(prepared, "vocab"), build / "vocab")
         meta = storage.read_bytes(storage.join(prepared, "meta.json"))

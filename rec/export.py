@@ -106,6 +106,11 @@ def load_export(
     return recommender.eval()
 
 
+def plain_llama(cfg: ModelConfig) -> bool:
+    """Whether the decoder is a plain Llama, so that `save_hf_backbone` can write it."""
+    return cfg.freq_mix == 0
+
+
 def save_hf_backbone(export_dir: str | Path) -> Path:
     """Write `<export_dir>/backbone/` from an export's own files: the backbone's Hugging Face
     config (`config.json`, as rec.model.llama_config builds it) and its fp32 weights
@@ -119,6 +124,11 @@ def save_hf_backbone(export_dir: str | Path) -> Path:
     loading reports no missing weights.
     """
     cfg, _, _ = read_export_config(export_dir)
+    if not plain_llama(cfg):
+        raise ValueError(
+            f"{str(export_dir)!r}: model.freq_mix={cfg.freq_mix} adds a layer a plain "
+            "transformers Llama does not have; no backbone/ can reproduce it"
+        )
     tensors = load_file(str(Path(export_dir) / WEIGHTS_FILE))
     weights = {
         name.removeprefix(BACKBONE_PREFIX): t.float()

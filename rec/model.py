@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from rec.data.batch import N_GAP_TOKENS, Batch
 from rec.data.schema import N_BEHAVIOR_TOKENS
+from rec.layers import attach_freq_mix
 
 INIT_STD = 0.02  # GPT-2 / Llama default; keeps the tied output logits small at start
 
@@ -88,6 +89,10 @@ class ModelConfig:
     repeat_bias: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)  # per-task weights
     uncertainty_weighting: bool = False  # learn log sigma^2 per task (Kendall et al. 2018)
+    # Causal BSARec-style mix in every layer (rec/layers.py): attention output weighted 1 - a,
+    # a low-pass (mean of the last `freq_window` events) + learned high-pass branch a. 0: off.
+    freq_mix: float = 0.0
+    freq_window: int = 5  # events in the causal low-pass window (freq_mix > 0)
 
     def __post_init__(self) -> None:
         if self.size not in SIZE_PRESETS:
@@ -108,6 +113,10 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.freq_mix <= 1.0:
+            raise ValueError(f"model.freq_mix must be in [0, 1], got {self.freq_mix!r}")
+        if self.freq_window < 1:
+            raise ValueError(f"model.freq_window must be >= 1, got {self.freq_window!r}")
         if self.temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature!r}")
         weights = self.loss_weights
@@ -207,6 +216,11 @@ class SeqRecModel(nn.Module):
         self.backbone = LlamaModel(llama_config(cfg))
         # Token embeddings are never used; dropping them keeps DDP/ZeRO free of unused params.
         self.backbone.embed_tokens = None
+        self.freq_mix = (
+            attach_freq_mix(self.backbone.layers, d, cfg.freq_mix, cfg.freq_window)
+            if cfg.freq_mix > 0
+            else None
+        )
         self._init_embeddings()
 
     def _init_embeddings(self) -> None:

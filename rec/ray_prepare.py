@@ -1,6 +1,7 @@
-"""The Ray Data pipeline behind `jobs.prepare`: raw logs -> per-user sequences, split and sharded.
+"""The Ray pipeline behind `jobs.prepare`: raw logs -> per-user sequences, split and sharded.
 
-Stages (each a Ray Data job over many tasks; the driver only sees small summaries):
+Stages (each a set of Ray tasks, one per read chunk or user bucket, that read and write their
+own files; the driver only sees small summaries):
 
   1. ingest     read chunks in parallel, validate rows (bad ones to quarantine/ with their
                 reason), hash-partition valid events by user into _staging/bucket=N/
@@ -106,38 +107,35 @@ def _run(cfg: DataConfig, root: str, out: str) -> dict:
 
 
 def _ingest(plan: readers.Plan, cfg: DataConfig, out: str, n_buckets: int) -> None:
-    chunks = ray.data.from_items(
-        [{"index": c.index} for c in plan.chunks], override_num_blocks=len(plan.chunks)
-    )
-    events = chunks.map_batches(
-        _ingest_chunk,
-        batch_size=1,
-        batch_format="pyarrow",
-        fn_kwargs={"plan": plan, "cfg": cfg, "out": out, "n_buckets": n_buckets},
-    )
-    path, fs = storage.for_ray(storage.join(out, "_staging"))
-    events.write_parquet(path, filesystem=fs, partition_cols=["bucket"])
+    kwargs = {"plan": plan, "cfg": cfg, "out": out, "n_buckets": n_buckets}
+    _tasks(_ingest_chunk, [c.index for c in plan.chunks], kwargs)
     errors = storage.glob(storage.join(out, "_errors"), "*.txt")
     if errors:
         raise DataError(storage.read_text(errors[0]))
 
 
-def _ingest_chunk(batch: pa.Table, plan: readers.Plan, cfg: DataConfig, out: str, n_buckets: int):
-    """One chunk: yield its valid events with their bucket; write its quarantined rows."""
-    chunk = plan.chunks[batch["index"][0].as_py()]
-    bad = []
+def _ingest_chunk(index: int, plan: readers.Plan, cfg: DataConfig, out: str, n_buckets: int):
+    """One chunk: write its valid events to _staging/bucket=N/chunk-<index>.parquet (the task
+    writes them itself: no events pass through the object store) and its quarantined rows."""
+    chunk = plan.chunks[index]
+    good, bad = [], []
     try:
         for events, quarantine in readers.read_chunk(chunk, cfg, plan.files):
             if quarantine.num_rows:
                 bad.append(quarantine)
             if events.num_rows:
-                yield (
-                    pl.from_arrow(events).with_columns(sequences.bucket_expr(n_buckets)).to_arrow()
-                )
+                good.append(events)
     except DataError as err:
         # Reported by the driver as one clear message, rather than as a task traceback.
         storage.write_text(storage.join(out, "_errors", f"chunk-{chunk.index:05d}.txt"), str(err))
         return
+    if good:
+        events = pl.from_arrow(pa.concat_tables(good)).with_columns(
+            sequences.bucket_expr(n_buckets)
+        )
+        for (b,), part in events.partition_by("bucket", as_dict=True, include_key=False).items():
+            name = f"chunk-{chunk.index:05d}.parquet"
+            _write_work(part, storage.join(out, "_staging", f"bucket={b}", name))
     if bad:
         part = storage.join(out, "quarantine", f"part-{chunk.index:05d}.parquet")
         storage.write_parquet(pl.from_arrow(pa.concat_tables(bad)), part)
@@ -160,41 +158,30 @@ def _item_stats(buckets: list[int], per_bucket, kwargs: dict, out: str, tag: str
     only receives the merged rows, one per item: at 100M events the partials are ~10x the
     catalogue and merging them on the driver took it past 2 GB (bench/README.md, Scale)."""
     n_parts = max(1, math.ceil(len(buckets) / BUCKETS_PER_ITEM_PART))
-    written = _over_buckets(
-        buckets,
-        _write_item_parts,
-        {"per_bucket": per_bucket, "kwargs": kwargs, "out": out, "tag": tag, "n_parts": n_parts},
-    )
-    for _ in written.iter_batches(batch_format="pyarrow", batch_size=None):
-        pass
-    parts = ray.data.from_items([{"part": p} for p in range(n_parts)], override_num_blocks=n_parts)
-    merged = parts.map_batches(
-        _merge_item_part, batch_size=1, batch_format="pyarrow", fn_kwargs={"out": out, "tag": tag}
-    )
-    frames = [
-        pl.from_arrow(b) for b in merged.iter_batches(batch_format="pyarrow", batch_size=None)
-    ]
+    write = {"per_bucket": per_bucket, "kwargs": kwargs, "out": out, "tag": tag, "n_parts": n_parts}
+    _tasks(_write_item_parts, buckets, write)
+    merged = _tasks(_merge_item_part, list(range(n_parts)), {"out": out, "tag": tag})
+    frames = [frame for frame in merged if frame is not None]
     if not frames:  # no user long enough anywhere: an empty vocabulary
         return pl.DataFrame(schema={**ITEM_STATS_SCHEMA, "bucket": pl.Int32})
     return pl.concat(frames).sort("item_id")
 
 
-def _write_item_parts(batch: pa.Table, per_bucket, kwargs: dict, out: str, tag: str, n_parts: int):
-    bucket = batch["bucket"][0].as_py()
+def _write_item_parts(bucket: int, per_bucket, kwargs: dict, out: str, tag: str, n_parts: int):
     stats = per_bucket(bucket, out=out, **kwargs).with_columns(
         pl.lit(bucket, pl.Int32).alias("bucket"),
         (pl.col("item_id").hash(seed=29) % n_parts).cast(pl.Int32).alias("part"),
     )
     for (part,), frame in stats.partition_by("part", as_dict=True, include_key=False).items():
         path = storage.join(out, "_items", tag, f"part-{part:04d}", f"bucket-{bucket:05d}.parquet")
-        storage.write_parquet(frame, path)
-    return pa.table({"bucket": [bucket]})
+        _write_work(frame, path)
 
 
-def _merge_item_part(batch: pa.Table, out: str, tag: str):
-    part = storage.join(out, "_items", tag, f"part-{batch['part'][0].as_py():04d}")
-    if storage.exists(part):  # else no bucket had an item hashing here (tiny inputs)
-        yield _merge([storage.read_parquet(part)]).to_arrow()
+def _merge_item_part(part: int, out: str, tag: str) -> pl.DataFrame | None:
+    folder = storage.join(out, "_items", tag, f"part-{part:04d}")
+    if not storage.exists(folder):  # no bucket had an item hashing here (tiny inputs)
+        return None
+    return _merge([_read_work(folder)])
 
 
 def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
@@ -211,9 +198,9 @@ def _merge(frames: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def _clean_bucket(bucket: int, cfg: DataConfig, out: str) -> pl.DataFrame:
-    events = storage.read_parquet(storage.join(out, "_staging", f"bucket={bucket}"))
+    events = _read_work(storage.join(out, "_staging", f"bucket={bucket}"))
     events, info = sequences.clean_bucket(events, cfg.dedupe, cfg.min_user_events)
-    storage.write_parquet(events, storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
+    _write_work(events, storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
     storage.write_text(storage.join(out, "_clean", f"bucket-{bucket:05d}.json"), json.dumps(info))
     return sequences.item_stats(events)
 
@@ -235,7 +222,7 @@ def _kcore(buckets: list[int], stats: pl.DataFrame, cfg: DataConfig, out: str) -
 
 
 def _kcore_bucket(bucket: int, cfg: DataConfig, out: str, items_path: str) -> pl.DataFrame:
-    events = storage.read_parquet(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
+    events = _read_work(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
     items = storage.read_parquet(items_path)
     return sequences.kcore_counts(events, items, cfg.kcore, cfg.min_user_events)
 
@@ -244,14 +231,11 @@ def _sequences(buckets: list[int], cfg: DataConfig, out: str) -> None:
     """Each bucket task writes its users' rows (sorted by user_id) to <split>/part-<bucket>:
     the files and their row order depend on the input and num_buckets only, never on how
     many CPUs or blocks ran them (deterministic data, checked by the manifest's content_id)."""
-    done = _over_buckets(buckets, _bucket_sequences, {"cfg": cfg, "out": out})
-    for _ in done.iter_batches(batch_format="pyarrow", batch_size=None):
-        pass
+    _tasks(_bucket_sequences, buckets, {"cfg": cfg, "out": out})
 
 
-def _bucket_sequences(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
-    bucket = batch["bucket"][0].as_py()
-    events = storage.read_parquet(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
+def _bucket_sequences(bucket: int, cfg: DataConfig, out: str) -> None:
+    events = _read_work(storage.join(out, "_clean", f"bucket-{bucket:05d}.parquet"))
     item_index = storage.read_parquet(
         storage.join(out, "vocab", "items.parquet"), columns=["item_id", "item_idx"]
     )
@@ -259,12 +243,37 @@ def _bucket_sequences(batch: pa.Table, cfg: DataConfig, out: str) -> pa.Table:
     for split, view in sequences.split_views(seqs.sort("user_id"), cfg.max_len).items():
         if view.height:
             storage.write_parquet(view, storage.join(out, split, f"part-{bucket:05d}.parquet"))
-    return pa.table({"bucket": [bucket], "users": [seqs.height]})
 
 
-def _over_buckets(buckets: list[int], fn, kwargs: dict) -> ray.data.Dataset:
-    ds = ray.data.from_items([{"bucket": b} for b in buckets], override_num_blocks=len(buckets))
-    return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs=kwargs)
+def _tasks(fn, keys: list[int], kwargs: dict) -> list:
+    """fn(key, **kwargs) as one Ray task per key (1 CPU each; Ray runs as many at once as there
+    are CPUs); their results in the order of `keys`. Plain tasks rather than Ray Data: each
+    stage is a fixed list of independent tasks that read and write files themselves, and
+    Ray Data cost ~3 s per worker process to import and ~0.1-1 s per stage to plan here
+    (bench/README.md, prepare)."""
+    shared = ray.put(kwargs)  # plan and config: stored once, not once per task
+    return ray.get([_task.remote(fn, key, shared) for key in keys])
+
+
+@ray.remote(num_cpus=1)
+def _task(fn, key: int, kwargs: dict):
+    return fn(key, **kwargs)
+
+
+def _write_work(frame: pl.DataFrame, path: str) -> None:
+    """A work file (_staging, _clean, _items: read once or twice by later tasks, then deleted)
+    with polars' own writer, uncompressed: every event is written and read back twice, and the
+    default (pyarrow, snappy) made that ~4x the cost of the sorts between (bench/README.md)."""
+    with storage.open_output(path) as f:
+        frame.write_parquet(f, compression="uncompressed")
+
+
+def _read_work(path: str) -> pl.DataFrame:
+    """A work file, or every work file in a folder (the folder's order: callers sort)."""
+    if storage.is_uri(path):
+        return storage.read_parquet(path)
+    files = sorted(Path(path).glob("*.parquet")) if Path(path).is_dir() else [path]
+    return pl.read_parquet(files, hive_partitioning=False)
 
 
 def _generate(cfg: DataConfig, root: str, generate) -> DataConfig:

@@ -38,6 +38,8 @@ Observation: Box(0, 1, (12,), float32), in the order of `OBS_FIELDS`:
   10 history_entropy   category entropy of the user's logged history
   11 last_lam          lam of the last slate (0 before the first)
 Entropies are normalised by their maximum for that many category entries (so in [0, 1]).
+The vector is built by `rl.features.observation` from a `SessionTrace` and the user's state:
+the server rebuilds the same one from a request's session (`rl.features.session_observation`).
 
 info (reset): user, explorer (the user's type: for analysis, never observed), and with the
 session user its starting intent (0 focused, 1 browsing; hidden too). info (step): user,
@@ -50,7 +52,6 @@ session user of rl/session_user.py.
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Any
 
 import gymnasium as gym
@@ -58,24 +59,12 @@ import numpy as np
 
 from rec.rerank import RerankConfig, rerank, similarity_inputs
 from rl.config import N_LAM_LEVELS, EnvConfig
+from rl.features import OBS_FIELDS, SessionTrace, observation
 from rl.session_user import SessionUser
 from rl.simdata import SimulatorData
 from rl.users import SimulatedUser, category_weights, history_exploration
 
-OBS_FIELDS = (
-    "shown_entropy",
-    "clicked_entropy",
-    "satiation_max",
-    "satiation_mean",
-    "progress",
-    "diversity_head",
-    "margin_top",
-    "margin_tail",
-    "unsatisfied",
-    "last_clicks",
-    "history_entropy",
-    "last_lam",
-)
+__all__ = ["OBS_FIELDS", "DiversityEnv", "slate_ild", "standardised_affinity"]
 
 
 class DiversityEnv(gym.Env):
@@ -119,11 +108,6 @@ class DiversityEnv(gym.Env):
             self.user = SimulatedUser(
                 data.n_categories, cfg.k, cfg.satiation, cfg.choice, cfg.leaving
             )
-        # The no-click streak at which P(leave) reaches its cap: the unit of obs[8].
-        lv = cfg.leaving
-        self._streak_cap = (
-            max(1.0, math.ceil((lv.cap - lv.base) / lv.increment)) if lv.increment else 1.0
-        )
         self.observation_space = gym.spaces.Box(0.0, 1.0, (len(OBS_FIELDS),), np.float32)
         if cfg.action_mode == "discrete":
             self.action_space = gym.spaces.Discrete(N_LAM_LEVELS)
@@ -172,26 +156,18 @@ class DiversityEnv(gym.Env):
             resp = self.user.respond(self._user_aff[slate], cats, weights, self.np_random, pop)
         self._free[slate] = False
         self._n_free -= len(slate)
-        self._t += 1
-        self._remember_shown(cats, weights)
         clicked = np.flatnonzero(resp.clicks)  # (c,) slate positions
         n_clicks, n_buys = len(clicked), int(np.count_nonzero(resp.purchases))
-        if n_clicks:
-            self._clicked[slate[clicked]] = True
-            self._clicked_mass += np.bincount(
-                cats[clicked].ravel(), weights[clicked].ravel(), len(self._clicked_mass)
-            )
-            self._clicked_entries += int(np.count_nonzero(cats[clicked]))
-            self._clicked_entropy = _entropy(self._clicked_mass, self._clicked_entries)
-        self._last_clicks, self._last_lam = n_clicks, lam
+        self._clicked[slate[clicked]] = True
+        self._trace.record(cats, weights, clicked, lam)  # what a request's session replays
         reward = n_clicks + self.cfg.purchase_weight * n_buys
         terminated = resp.left
-        truncated = not terminated and (self._t >= self.cfg.max_steps or not self._refill())
+        truncated = not terminated and (self._trace.t >= self.cfg.max_steps or not self._refill())
         info = {
             "user": self._u,
             "clicks": n_clicks,
             "purchases": n_buys,
-            "ild": slate_ild(cats, len(self._shown_mass)),
+            "ild": slate_ild(cats, self.data.n_categories + 1),
             "lam": lam,
             "leave_prob": resp.leave_prob,
             "slate": self._item_ids[slate],
@@ -227,13 +203,9 @@ class DiversityEnv(gym.Env):
         self._free = np.ones(n, dtype=bool)  # not shown yet (or recycled)
         self._n_free = n
         self._clicked = np.zeros(n, dtype=bool)
-        self._t, self._last_clicks, self._last_lam = 0, 0, 0.0
-        width = d.n_categories + 1
-        # The last entropy_window slates' category mass, and its running sum (obs[0]).
-        self._recent: deque[tuple[np.ndarray, int]] = deque()
-        self._shown_mass, self._shown_entries = np.zeros(width), 0
-        self._clicked_mass = np.zeros(width)  # (C + 1,) clicked category weight this session
-        self._clicked_entries, self._clicked_entropy = 0, 0.0
+        # Shown and clicked category mass, slates so far, last clicks and lam (obs 0, 1, 4,
+        # 9, 11): rl/features.py, shared with the server's replay of a request's session.
+        self._trace = SessionTrace(d.n_categories + 1, self.cfg.entropy_window)
 
     def _lam(self, action: Any) -> float:
         """Action -> lam in [0, 1]; continuous actions are clipped (RLlib does not squash)."""
@@ -257,44 +229,11 @@ class DiversityEnv(gym.Env):
             return self._n_free >= self.cfg.k
         return False
 
-    def _remember_shown(self, cats: np.ndarray, weights: np.ndarray) -> None:
-        """Add a slate's (k, C) categories to the entropy window, dropping the oldest slate."""
-        mass = np.bincount(cats.ravel(), weights.ravel(), len(self._shown_mass))  # (C + 1,)
-        entries = int(np.count_nonzero(cats))
-        self._recent.append((mass, entries))
-        self._shown_mass += mass
-        self._shown_entries += entries
-        if len(self._recent) > self.cfg.entropy_window:
-            old_mass, old_entries = self._recent.popleft()
-            self._shown_mass -= old_mass
-            self._shown_entries -= old_entries
-
     def _observation(self) -> np.ndarray:
-        """(12,) float32 in [0, 1]; layout in OBS_FIELDS."""
-        sat = self.user.satiation
-        touched = sat[self.user.touched]
+        """(12,) float32 in [0, 1]; layout in OBS_FIELDS (built by rl.features.observation)."""
         rem = self._user_scores[self._free]  # (A,) still in descending order
-        margin_top = margin_tail = 0.0
-        if rem.size:
-            span = self._span[self._u]
-            top10, top50 = rem[min(9, rem.size - 1)], rem[min(49, rem.size - 1)]
-            margin_top, margin_tail = (rem[0] - top10) / span, (top10 - top50) / span
-        values = [
-            _entropy(self._shown_mass, self._shown_entries),
-            self._clicked_entropy,
-            float(sat.max()),
-            float(touched.mean()) if touched.size else 0.0,
-            self._t / self.cfg.max_steps,
-            self.data.diversity_head[self._u],
-            margin_top,
-            margin_tail,
-            min(self.user.unsatisfied / self._streak_cap, 1.0),
-            self._last_clicks / self.cfg.choice.max_clicks,
-            self._hist_entropy[self._u],
-            self._last_lam,
-        ]
-        # Every value is in [0, 1] by construction (the progress can reach exactly 1).
-        return np.array(values, dtype=np.float32)
+        head, hist = self.data.diversity_head[self._u], self._hist_entropy[self._u]
+        return observation(self._trace, self.user, rem, self._span[self._u], head, hist, self.cfg)
 
 
 def standardised_affinity(data: SimulatorData, cands: np.ndarray) -> np.ndarray:
@@ -334,12 +273,3 @@ def slate_ild(cats: np.ndarray, width: int) -> float:
     jac = inter / np.maximum(union, 1.0)
     off = jac.sum() - float(np.count_nonzero(size))  # the diagonal is 1 exactly where size > 0
     return 1.0 - off / (k * (k - 1))
-
-
-def _entropy(mass: np.ndarray, entries: int) -> float:
-    """Entropy of a (C + 1,) non-negative mass vector over its maximum, log(entries)."""
-    if entries < 2:
-        return 0.0
-    p = mass[mass > 1e-12]  # the running window sum may leave rounding dust behind
-    p = p / p.sum()
-    return min(float(-(p * np.log(p)).sum() / math.log(entries)), 1.0)

@@ -28,7 +28,6 @@ Means carry 95 % normal CIs; gains over best_fixed carry cluster-bootstrap CIs o
 from __future__ import annotations
 
 import copy
-from collections import deque
 from dataclasses import replace
 
 import numpy as np
@@ -38,7 +37,7 @@ from rl.config import N_LAM_LEVELS, EnvConfig
 from rl.env import DiversityEnv
 
 GRID = np.linspace(0.0, 1.0, N_LAM_LEVELS)
-_ARRAYS = ("_free", "_clicked", "_shown_mass", "_clicked_mass")
+_ARRAYS = ("_free", "_clicked")
 
 
 def halves(users: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +68,7 @@ def _copy_state(state: dict) -> dict:
     out = dict(state)
     for k in _ARRAYS:
         out[k] = state[k].copy()
-    out["_recent"] = deque((m.copy(), n) for m, n in state["_recent"])
+    out["_trace"] = copy.deepcopy(state["_trace"])  # rl.features.SessionTrace
     out["user"] = copy.deepcopy(state["user"])
     out["_np_random"] = copy.deepcopy(state["_np_random"])
     return out

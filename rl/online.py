@@ -11,19 +11,22 @@ does: the same user, the same intent draw and the same random stream for every a
 offline (common random numbers). Then each slate is a POST /recommend carrying the session so
 far: `history` (the user's logged history, plus this session's clicks with
 `clicks_in_history`), `shown` (this session's shown items, which the endpoint drops from its
-top-N) and `lam` (fixed arms; the policy arm omits it and the served policy chooses). The
-simulated user (`env.user`, the env's own `np_random`) responds to the returned slate.
+top-N), `session` (every slate so far with its clicks in click order and its lam: the served
+policy replays it into the env's observation, rl/features.py) and `lam` (fixed arms; the
+policy arm omits it and the served policy chooses). The simulated user (`env.user`, the env's
+own `np_random`) responds to the returned slate.
 
-Why the paths agree exactly for fixed lam: the offline reference plays on the *served world*,
-the world whose candidates and scores are what the endpoint returns at lam 0 with k = N for the
-same history (the trained ranker's view as served: request behaviour tokens and no time gaps,
-the served score log softmax + w log sigmoid(relevance); the world of jobs.train_policy scores
-the logged tokens with the raw interest logit, so its slates differ). The endpoint drops shown
-items after ranking without refilling, and the driver returns shown-but-unclicked items when
-fewer than k remain, as the env's "recycle" does. Known differences that remain, reported
-rather than hidden: the served policy sees a start-of-session observation on every request
-(the endpoint is stateless: no satiation, streak or last lam), and with `clicks_in_history`
-the ranker re-encodes the session's clicks (a closed loop the offline env does not have).
+Why the paths agree exactly: the offline reference plays on the *served world*, the world
+whose candidates, scores and diversity head are what the endpoint returns at lam 0 with k = N
+for the same history (the trained ranker's view as served: request behaviour tokens and no
+time gaps, the served score log softmax + w log sigmoid(relevance); the world of
+jobs.train_policy scores the logged tokens with the raw interest logit, so its slates differ),
+and whose history is the one sent. The endpoint drops shown items after ranking without
+refilling, and the driver returns shown-but-unclicked items when fewer than k remain, as the
+env's "recycle" does. The served policy's observation is then the offline env's at every step
+(a session-model policy; a history longer than serve.max_history is cut by the endpoint and
+would differ). A known difference that remains: with `clicks_in_history` the ranker
+re-encodes the session's clicks (a closed loop the offline env does not have).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from rl.arms import Arm, ArmResult, fixed, play
 from rl.config import EnvConfig
 from rl.env import DiversityEnv, slate_ild
 from rl.ladder import cluster_ci
-from rl.simdata import SimulatorData
+from rl.simdata import SimulatorData, recent_items
 from rl.users import category_weights
 
 METRICS = {"return": "returns", "clicks": "clicks", "session_length": "lengths", "ild": "ild"}
@@ -132,9 +135,17 @@ def served_world(
     n: int,
 ) -> SimulatorData:
     """The world with `users`' candidates and scores replaced by the endpoint's top-n at lam 0
-    (its ranker's order) for each user's logged history (histories[u]: (L,) item indices)."""
+    (its ranker's order) for each user's logged history (histories[u]: (L,) item indices), the
+    diversity head by the endpoint's and the recent history by the one sent (the served
+    policy's observation inputs)."""
     ids = _Ids(item_ids)
     cands, scores = data.candidates[:, :n].copy(), data.scores[:, :n].copy()  # (U, n)
+    head = data.diversity_head.copy()  # (U,)
+    users = np.asarray(users)
+    width = max(data.history_items.shape[1], max(len(histories[u]) for u in users.tolist()))
+    hist = np.zeros((data.n_users, width), np.int64)  # (U, width) right-aligned, 0-padded
+    hist[:, width - data.history_items.shape[1] :] = data.history_items
+    hist[users] = recent_items([histories[u] for u in users.tolist()], width)
     for u in np.asarray(users).tolist():
         answer = endpoint.recommend({"history": ids.to_raw(histories[u]), "k": n, "lam": 0.0})
         got = ids.to_index(answer)
@@ -142,7 +153,8 @@ def served_world(
             raise ValueError(f"the endpoint returned {len(got)} < env.n_candidates={n} items")
         cands[u] = got
         scores[u] = [it["score"] for it in answer["items"]]
-    return replace(data, candidates=cands, scores=scores)
+        head[u] = answer["diversity"]
+    return replace(data, candidates=cands, scores=scores, diversity_head=head, history_items=hist)
 
 
 class _Affinity:
@@ -196,12 +208,17 @@ def play_online(
     out = np.zeros((6, episodes))
     for e in range(episodes):
         _, info = env.reset(seed=seed + e)  # the user and the session user's start: CRN
-        session = _Session(env, cfg, info["user"], aff, weights)
+        session = _Session(env, cfg, info["user"], aff, weights, ids)
         while session.going:
             history = histories[session.u]
             if clicks_in_history:
                 history = np.concatenate([history, session.clicked])
-            body = {"history": ids.to_raw(history), "shown": ids.to_raw(session.shown), "k": cfg.k}
+            body = {
+                "history": ids.to_raw(history),
+                "shown": ids.to_raw(session.shown),
+                "session": session.slates,
+                "k": cfg.k,
+            }
             if lam is not None:
                 body["lam"] = lam
             answer = endpoint.recommend(body)
@@ -217,14 +234,17 @@ class _Session:
     (the user leaves; max_steps slates; fewer than k unshown candidates: "recycle" returns the
     shown-but-unclicked ones, a feed refresh; "end" stops)."""
 
-    def __init__(self, env: DiversityEnv, cfg: EnvConfig, u: int, aff: _Affinity, weights):
-        self.env, self.cfg, self.u, self.weights = env, cfg, u, weights
+    def __init__(
+        self, env: DiversityEnv, cfg: EnvConfig, u: int, aff: _Affinity, weights, ids: _Ids
+    ):
+        self.env, self.cfg, self.u, self.weights, self.ids = env, cfg, u, weights, ids
         self.aff = aff
         self.x, self.centre, self.sd, self.pop_centre = aff.frame(u)
         self.shown = np.zeros(0, np.int64)  # (S,) item indices shown and not recycled
         self.clicked = np.zeros(0, np.int64)  # (c,) this session's clicks, in click order
         self.going, self.steps, self.clicks = True, 0, 0
         self.ret = self.ild = self.lam = 0.0  # sums over the session's slates
+        self.slates: list[dict] = []  # the request's `session`: raw ids, clicks, lam per slate
 
     def show(self, slate: np.ndarray, lam: float) -> None:
         """The user's response to one (k,) slate of item indices."""
@@ -243,6 +263,9 @@ class _Session:
             resp = self.env.user.respond(affinity, cats, w, self.env.np_random, pop)
         picked = np.flatnonzero(resp.clicks) if resp.order is None else resp.order
         self.clicked = np.concatenate([self.clicked, slate[picked]])
+        self.slates.append(
+            {"items": self.ids.to_raw(slate), "clicked": self.ids.to_raw(slate[picked]), "lam": lam}
+        )
         self.shown = np.concatenate([self.shown, slate])
         self.steps += 1
         self.ret += len(picked) + self.cfg.purchase_weight * np.count_nonzero(resp.purchases)

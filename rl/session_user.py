@@ -11,7 +11,9 @@ fitted by `rl.session_fit` (which says, per field, fitted from what or assumed).
    sat(j) the mean satiation of j's categories, position_j the log examination probability
    of the slot (DCG's 1 / log2(pos + 2), weight `choice.position_bias`), same_j = 1 if j has
    the category of the last click, stick_I = logit(stay_I) + stick_offset of the current
-   intent I, pop_j the item's standardised log popularity in the fit users' log. After a
+   intent I, pop_j the item's standardised log popularity in the fit users' log, plus
+   revisit_weight if j is in a category clicked earlier this session other than the last
+   click's (< 0: variety seeking, > 0: coming back; fitted to the log's revisit rate). After a
    click: s_c += w_click * (the item's share of c); a click in a new category ends the run and
    the intent switches with P = switch_I; another click follows with P = continue_prob;
 3. recovery: s <- delta * s;
@@ -73,6 +75,8 @@ class SessionUser:
         self.touched = np.zeros(self.n_categories + 1, dtype=bool)
         self.unsatisfied = 0
         self.run_category = 0  # the last clicked item's most specific category (0: none yet)
+        # most specific categories clicked earlier this session (the revisit term's memory)
+        self.visited = np.zeros(self.n_categories + 1, dtype=bool)
         draw = (rng or self._rng).random()
         self.intent = FOCUSED if draw < c.focused_share else BROWSING
         self.leave_prob = sigmoid(c.leave_intercept)
@@ -94,17 +98,13 @@ class SessionUser:
         """(k,) standardised affinities, (k, C) categories and weights, (k,) standardised log
         popularity (None: 0) -> clicks, purchases, leave; state updated."""
         c = self.cfg
-        mass = np.bincount(cats.ravel(), weights=weights.ravel(), minlength=self.n_categories + 1)
-        self.satiation += c.w_exp * mass
-        self.satiation[0] = 0.0
-        self.touched[cats] = True
+        self._expose(cats, weights)
         base = c.preference * affinity + self.position_logit  # (k,)
         if popularity is not None and c.popularity_weight:
             base = base + c.popularity_weight * popularity
         best = float(self._utilities(base, cats, weights).max())
         clicks, purchases, order = self._clicks(base, affinity, cats, weights, rng)
-        self.satiation *= c.delta
-        self.unsatisfied = 0 if clicks.any() else self.unsatisfied + 1
+        self._recover(bool(clicks.any()))
         share = float(np.bincount(cats.max(1), minlength=1).max()) / len(cats)
         z = (
             c.leave_intercept
@@ -117,10 +117,41 @@ class SessionUser:
             clicks, purchases, bool(rng.random() < self.leave_prob), self.leave_prob, order
         )
 
+    def replay(self, cats: np.ndarray, weights: np.ndarray, order: np.ndarray) -> None:
+        """A slate the user was shown and answered: (k, C) categories and weights, (c,) the
+        clicked slots in click order. Updates satiation and the no-click streak exactly as
+        `respond` did (the same operations in the same order: rl/features.py replays a served
+        session with it); the run category and intent are not replayed (the observation never
+        sees them)."""
+        self._expose(cats, weights)
+        for j in np.asarray(order, dtype=np.int64).tolist():
+            self._consume(cats[j], weights[j])
+        self._recover(len(order) > 0)
+
+    def _expose(self, cats: np.ndarray, weights: np.ndarray) -> None:
+        """Exposure to a (k, C) slate, before any choice."""
+        mass = np.bincount(cats.ravel(), weights=weights.ravel(), minlength=self.n_categories + 1)
+        self.satiation += self.cfg.w_exp * mass
+        self.satiation[0] = 0.0
+        self.touched[cats] = True
+
+    def _consume(self, cats: np.ndarray, weights: np.ndarray) -> None:
+        """One click on an item with (C,) categories and weights."""
+        self.satiation[cats] += self.cfg.w_click * weights
+        self.satiation[0] = 0.0
+
+    def _recover(self, clicked: bool) -> None:
+        """After the slate: satiation recovers, the no-click streak grows or resets."""
+        self.satiation *= self.cfg.delta
+        self.unsatisfied = 0 if clicked else self.unsatisfied + 1
+
     def _utilities(self, base: np.ndarray, cats: np.ndarray, weights: np.ndarray) -> np.ndarray:
         util = base - self.sensitivity * (self.satiation[cats] * weights).sum(1)
         if self.run_category:
-            util = util + self.stick[self.intent] * (cats == self.run_category).any(1)
+            same = (cats == self.run_category).any(1)  # (k,)
+            util = util + self.stick[self.intent] * same
+            if self.cfg.revisit_weight:  # back to a category left earlier in the session
+                util = util + self.cfg.revisit_weight * (self.visited[cats].any(1) & ~same)
         return util
 
     def _clicks(
@@ -148,8 +179,7 @@ class SessionUser:
             order.append(j)
             z = ch.purchase_bias + ch.purchase_slope * float(affinity[j])
             purchases[j] = rng.random() * (1.0 + math.exp(-z)) < 1.0
-            self.satiation[cats[j]] += c.w_click * weights[j]
-            self.satiation[0] = 0.0
+            self._consume(cats[j], weights[j])
             self._new_click(int(cats[j].max()), rng)
             if rng.random() >= c.continue_prob:
                 break
@@ -161,3 +191,4 @@ class SessionUser:
         if new_run and rng.random() < self.switch[self.intent]:
             self.intent = 1 - self.intent
         self.run_category = category
+        self.visited[category] = True

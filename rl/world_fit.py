@@ -63,6 +63,7 @@ def fit_user_model(
         ("leave_intercept", "events per session"),
         ("popularity_weight", "mean log popularity of consumed items"),
         ("stick_offset", "P(next event in the same category)"),
+        ("revisit_weight", "P(next event back in an earlier category of the session)"),
     ):
         out["provenance"][name] = {
             "value": getattr(session, name),

@@ -90,6 +90,11 @@ class ServeConfig:
     # must first learn the replica is gone); then 503.
     stage_retries: int = 5
     retry_after_s: float = 1.0  # Retry-After of every 503 (overload, stage unavailable)
+    # Replays, in Ray's HTTP proxy, of a request whose ingress replica died before answering
+    # (serve/proxy_retry.py; 0: off, Ray's 500). A replay that has not started its answer
+    # within proxy_retry_wait_s (no live replica yet) is dropped; then 503 + Retry-After.
+    proxy_retries: int = 2
+    proxy_retry_wait_s: float = 2.0
     # Requests one ingress replica runs at once; more get 503 + Retry-After from the replica
     # before any work (serve/http.py Admission). 0: off (then only Serve's limits apply).
     max_running: int = 0
@@ -113,11 +118,11 @@ class ServeConfig:
             raise ValueError(f"serve.port must be in 1..65535, got {self.port!r}")
         if self.batch_max_size < 1 or self.batch_wait_s < 0:
             raise ValueError("serve.batch_max_size must be >= 1 and serve.batch_wait_s >= 0")
-        if min(self.replicas, self.stage_retries, self.max_running) < 0 or not (
-            self.retry_after_s >= 0
-        ):
+        counts = (self.replicas, self.stage_retries, self.max_running, self.proxy_retries)
+        if min(counts) < 0 or not (self.retry_after_s >= 0 and self.proxy_retry_wait_s > 0):
             raise ValueError(
-                "serve.replicas, serve.stage_retries, serve.max_running, serve.retry_after_s: >= 0"
+                "serve.replicas, serve.stage_retries, serve.max_running, serve.proxy_retries, "
+                "serve.retry_after_s: >= 0; serve.proxy_retry_wait_s: > 0"
             )
         if self.relevance_weight < 0:
             raise ValueError(f"serve.relevance_weight must be >= 0, got {self.relevance_weight!r}")

@@ -23,9 +23,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from rec.rerank import RerankConfig
+from rl.features import SessionRecord
 from serve.catalog import Catalog, UserHistories
 from serve.config import ServeConfig
 from serve.engine import Ranked, Retrieved, popular_pool, rerank_candidates
+from serve.policy import session_record
 from serve.schemas import RecommendRequest
 from serve.stages import STAGES, StageContext
 
@@ -71,6 +73,8 @@ class Resolved:
     unknown: list[int] = field(default_factory=list)
     truncated: bool = False
     shown: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # this session's
+    session: SessionRecord | None = None  # this session's slates and clicks (the policy's)
+    diversity: float | None = None  # the ranker's diversity head (None: cold start)
 
 
 class Frontend:
@@ -101,7 +105,8 @@ class Frontend:
         history = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         truncated = len(history) > self.cfg.max_history
         shown, _ = self.catalog.to_indices(req.shown or [])  # unknown ones cannot be candidates
-        return Resolved(history[-self.cfg.max_history :], unknown, truncated, shown)
+        session = session_record(self.catalog, req.session)
+        return Resolved(history[-self.cfg.max_history :], unknown, truncated, shown, session)
 
     async def recommend(self, req: RecommendRequest, stages: Stages) -> dict:
         """The response body (serve.schemas.RecommendResponse fields)."""
@@ -129,6 +134,7 @@ class Frontend:
             "unknown_items": res.unknown,
             "history_used": int(len(res.history)),
             "history_truncated": res.truncated,
+            "diversity": res.diversity,
             "timings_ms": timings,
         }
 
@@ -143,6 +149,9 @@ class Frontend:
             t = time.perf_counter()
             ranked = await stages.run("ranker", got)
             timings["rank"], timings["rank_compute"] = _ms(t), round(ranked.compute_ms, 3)
+            res.diversity = float(ranked.diversity)
+            # The policy sees all N with a shown mask (the env's pool and its free mask).
+            full, shown_mask = ranked, np.isin(got.candidates, res.shown)
             # After ranking, so a candidate's score does not depend on what was shown.
             got, ranked = drop_shown(got, ranked, res.shown)
         if not len(got.candidates):  # the catalogue is in the history (or shown): nothing left
@@ -153,7 +162,8 @@ class Frontend:
         if req.lam is not None:
             lam, source = req.lam, "request"
         elif self.has_policy:
-            lam, source = await stages.run("policy", history, ranked), "policy"
+            lam = await stages.run("policy", history, full, shown_mask, res.session)
+            source = "policy"
             timings["policy"] = _ms(t)
         else:
             lam, source = self.cfg.default_lam, "default"

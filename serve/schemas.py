@@ -10,11 +10,49 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 LamSource = Literal["request", "policy", "default", "cold_start"]
 # Raw ids are int64 in the catalogue; a larger integer is refused here, not by numpy (a 500).
 RawId = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+# Bounds of a request's `session` (the policy replays it: rl/features.py): slates, items each.
+MAX_SESSION_SLATES = 200
+MAX_SLATE_ITEMS = 1000
+
+
+class ShownSlate(BaseModel):
+    """One slate of the session so far, as the user saw and answered it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    items: list[RawId] = Field(
+        min_length=1, max_length=MAX_SLATE_ITEMS, description="Raw item ids in slate order."
+    )
+    clicked: list[RawId] = Field(
+        default_factory=list,
+        max_length=MAX_SLATE_ITEMS,
+        description="The clicked ones, in click order: each one of `items`, none twice.",
+    )
+    lam: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="Its diversity weight.")
+
+    @field_validator("items")
+    @classmethod
+    def _distinct_items(cls, items: list[int]) -> list[int]:
+        if len(set(items)) != len(items):
+            raise ValueError("an item appears twice in one slate")
+        return items
+
+    @field_validator("clicked")
+    @classmethod
+    def _clicked_in_slate(cls, clicked: list[int], info: ValidationInfo) -> list[int]:
+        items = set(info.data.get("items") or [])
+        if not set(clicked) <= items:
+            raise ValueError("clicked ids must be items of the same slate")
+        if len(set(clicked)) != len(clicked):
+            raise ValueError("an item is clicked twice in one slate")
+        return clicked
 
 
 class RecommendRequest(BaseModel):
@@ -48,6 +86,13 @@ class RecommendRequest(BaseModel):
         "candidates before lam is chosen and the list re-ranked (the top-N is not refilled, "
         "as in the simulator: rl/online.py). Unknown ids are ignored.",
     )
+    session: list[ShownSlate] | None = Field(
+        None,
+        max_length=MAX_SESSION_SLATES,
+        description="This session's slates so far, oldest first: the RL policy's observation "
+        "replays them (satiation, streak, last clicks and lam; rl/features.py). Unknown ids "
+        "are ignored.",
+    )
 
 
 class RecommendedItem(BaseModel):
@@ -67,6 +112,9 @@ class RecommendResponse(BaseModel):
     unknown_items: list[int] = Field(description="History ids not in the catalogue (ignored).")
     history_used: int = Field(description="History items the model saw (after truncation).")
     history_truncated: bool = Field(description="The history was cut to serve.max_history.")
+    diversity: float | None = Field(
+        None, description="The ranker's diversity head for this history (null at cold start)."
+    )
     timings_ms: dict[str, float] = Field(
         description="Wall time per stage as seen by the ingress (retrieve, rank, policy, "
         "rerank, total) and model compute inside the replicas (*_compute)."

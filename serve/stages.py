@@ -12,7 +12,7 @@ Registered today, in request order (serve/frontend.py: Frontend awaits them by n
 
     retriever  (history, exclude) -> Retrieved   the transformer encodes the history; top-N items
     ranker     (retrieved,) -> Ranked            the multi-task heads score the N candidates
-    policy     (history, ranked) -> lam          the RLlib module picks lam (only with policy_dir)
+    policy     (history, ranked, shown, session) -> lam   the RLlib module picks lam (policy_dir)
 
 How to add a stage (say a re-scorer between ranking and re-ranking):
 1. Write its inference object (torch/numpy, no Ray) in serve/engine.py or its own serve/*.py,
@@ -105,7 +105,9 @@ def _policy(ctx: StageContext) -> BatchFn:
     from serve.policy import PolicyScorer  # RLlib's module machinery: only when a policy runs
 
     scorer = PolicyScorer(local_dir(ctx.policy_dir), ctx.catalog.categories)
-    return lambda histories, ranked: scorer.choose(histories, ranked).tolist()
+    return lambda hists, ranked, shown, sessions: scorer.choose(
+        hists, ranked, shown, sessions
+    ).tolist()
 
 
 STAGES: tuple[Stage, ...] = (

@@ -22,7 +22,9 @@ from rl.online import ABConfig, Endpoint, ab_test, play_online, served_world, ta
 from rl.world import WorldConfig, build_world, load_world, save_world
 from serve.catalog import UserHistories
 from serve.config import ServeConfig
-from serve.frontend import Frontend, LocalStages, run_sync
+from serve.engine import Ranked
+from serve.frontend import Frontend, LocalStages, RequestError, run_sync
+from serve.policy import PolicyScorer, session_record
 from serve.schemas import RecommendRequest
 from serve.stages import StageContext
 from tests.serve_support import make_model_dir, make_policy_dir
@@ -52,13 +54,15 @@ class InProcess:
     """The endpoint's request path without HTTP or Ray: Frontend + LocalStages (what the
     fused app runs in its ingress), the body validated by the same pydantic schema."""
 
-    def __init__(self, model_dir) -> None:
+    def __init__(self, model_dir, policy_dir=None) -> None:
         cfg, rerank = ServeConfig(max_k=N, max_history=50), RerankConfig(n_candidates=N)
-        ctx = StageContext(model_dir, cfg, rerank)
+        ctx = StageContext(model_dir, cfg, rerank, policy_dir)
         self.stages = LocalStages(ctx)
         vectors = ctx.model.item_table().numpy()
-        self.front = Frontend(cfg, rerank, ctx.catalog, UserHistories({}), vectors, False)
-        self.item_ids, self.requests = ctx.catalog.item_ids, 0
+        self.front = Frontend(
+            cfg, rerank, ctx.catalog, UserHistories({}), vectors, policy_dir is not None
+        )
+        self.catalog, self.item_ids, self.requests = ctx.catalog, ctx.catalog.item_ids, 0
 
     def recommend(self, body: dict) -> dict:
         self.requests += 1
@@ -91,6 +95,57 @@ def test_online_episodes_equal_offline_ones_in_process(tiny) -> None:
     assert row["identical_episodes"] == 1.0 and row["cis_overlap"]
     lo, hi = row["online"]["ild"]["ci95"]
     assert lo <= row["online"]["ild"]["mean"] <= hi
+
+
+def test_served_policy_plays_the_offline_policy_episodes_in_process(tiny, tmp_path) -> None:
+    """The served policy replays each request's session into the env's observation: online and
+    offline choose the same lam at every slate, so the episodes are identical (with a
+    start-of-session observation they were not)."""
+    from rec import artifacts
+    from rl.policy import LamPolicy, write_policy_meta
+
+    model_dir, _, data, histories = tiny
+    policy_dir = make_policy_dir(tmp_path / "policy", seed=3)
+    write_policy_meta(policy_dir, ENV, {"algorithm": "untrained (test)"})
+    artifacts.write_manifest(policy_dir, kind="policy", producer="tests", config={})
+    endpoint = InProcess(model_dir, policy_dir)
+    users = np.arange(10, 30)
+    served = served_world(data, endpoint, histories, endpoint.item_ids, users, N)
+    arm = LamPolicy.load(policy_dir).arm()
+    on = play_online(served, ENV, users, endpoint, histories, endpoint.item_ids, None, 30, SEED)
+    off = play(served, ENV, users, arm, 30, SEED)
+    np.testing.assert_array_equal(on.users, off.users)
+    np.testing.assert_allclose(on.returns, off.returns, atol=1e-9)
+    np.testing.assert_allclose(on.lam, off.lam, atol=1e-6)  # the env reports float32 lam
+    assert np.unique(np.round(on.lam, 3)).size > 3  # the policy's lam moves with the state
+    types = PolicyScorer(make_policy_dir(tmp_path / "types"), data.item_categories)
+    body = RecommendRequest(session=[{"items": [int(endpoint.item_ids[1])], "lam": 0.2}])
+    ranked = Ranked(np.zeros(N, np.float32), np.zeros(N, np.float32), 0.5)
+    with pytest.raises(RequestError, match="session"):  # its satiation is hidden per user
+        types.choose(
+            [histories[0]], [ranked], None, [session_record(endpoint.catalog, body.session)]
+        )
+
+
+@pytest.mark.parametrize(
+    "slate, where",
+    [
+        ({"items": [1, 2], "clicked": [3], "lam": 0.5}, ("session", 0, "clicked")),
+        ({"items": [1, 1], "lam": 0.5}, ("session", 0, "items")),
+        ({"items": [1, 2], "clicked": [2, 2], "lam": 0.5}, ("session", 0, "clicked")),
+        ({"items": [1, 2], "lam": 1.5}, ("session", 0, "lam")),
+        ({"items": [], "lam": 0.5}, ("session", 0, "items")),
+        ({"items": [1], "lam": 0.5, "clicks": [1]}, ("session", 0, "clicks")),
+    ],
+)
+def test_a_bad_session_is_refused_naming_the_field(slate, where) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as err:
+        RecommendRequest(history=[1], session=[slate])
+    assert [e["loc"] for e in err.value.errors()] == [where]
+    with pytest.raises(ValidationError, match="session"):  # bounded: MAX_SESSION_SLATES
+        RecommendRequest(session=[{"items": [1], "lam": 0.0}] * 201)
 
 
 def test_session_clicks_enter_the_history_and_shown_items_never_repeat(tiny) -> None:
@@ -148,8 +203,8 @@ def test_endpoint_retries_503_after_retry_after() -> None:
 
 @pytest.mark.ray
 def test_ab_test_job_against_jobs_serve(ray_local, tiny, tmp_path) -> None:
-    """jobs.serve (fused, with an untrained policy) + jobs.ab_test: fixed-lam arms online equal
-    offline episode by episode; the served policy's arm agrees within the CIs."""
+    """jobs.serve (fused, with an untrained policy) + jobs.ab_test: every arm, the served
+    policy's included, online equals offline episode by episode."""
     from ray import serve
 
     from jobs import ab_test as ab_job
@@ -189,9 +244,6 @@ def test_ab_test_job_against_jobs_serve(ray_local, tiny, tmp_path) -> None:
         serve.shutdown()
     assert json.loads((tmp_path / "ab" / "ab_test.json").read_text())["arms"] == report["arms"]
     assert set(report["arms"]) == {"lam=0", "lam=0.6", "policy"}
-    for name in ("lam=0", "lam=0.6"):
+    # The policy arm too: the served policy replays each request's session (rl/features.py).
+    for name in ("lam=0", "lam=0.6", "policy"):
         assert report["arms"][name]["identical_episodes"] == 1.0, name
-    pol = report["arms"]["policy"]
-    assert pol["cis_overlap"], pol
-    lo, hi = pol["return_diff"]["ci95"]
-    assert lo <= 0.0 <= hi, pol["return_diff"]

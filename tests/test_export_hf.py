@@ -148,3 +148,14 @@ def test_fp32_master_weights_under_bf16(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "stage 2 ok" in proc.stdout and "stage 3 ok" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_no_backbone_for_a_layer_transformers_lacks(tmp_path):
+    """A decoder with the frequency mix (rec/layers.py) is not a plain Llama: writing it as one
+    would load in transformers and silently compute something else, so it is refused."""
+    import pytest
+
+    export = save_export(tiny_recommender(seed=1, freq_mix=0.5), tmp_path / "export")
+    with pytest.raises(ValueError, match="freq_mix"):
+        save_hf_backbone(export)
+    assert not (export / BACKBONE_DIR).exists()

@@ -17,6 +17,7 @@ from rec.data.batch import Batch
 from rec.data.schema import BEHAVIOR_TOKENS
 from rec.export import load_export, read_export_config, save_export
 from rec.heads import diversity_targets
+from rec.layers import CausalFreqMix
 from rec.model import DataDims, LossWeights, ModelConfig, SeqRecModel, count_parameters
 from rec.recommender import Recommender
 
@@ -118,8 +119,9 @@ def test_relevance_auto_follows_data() -> None:
     assert (graded.relevance_mode, sampled.relevance_mode) == ("graded", "sampled")
 
 
-def test_left_padding_does_not_change_last_position() -> None:
-    rec = tiny_recommender().eval()
+@pytest.mark.parametrize("freq_mix", [0.0, 0.7])
+def test_left_padding_does_not_change_last_position(freq_mix: float) -> None:
+    rec = tiny_recommender(freq_mix=freq_mix).eval()
     sequences = random_sequences(4, seed=3)
     short, long = make_batch(sequences, max_len=11), make_batch(sequences, max_len=16)
     with torch.no_grad():  # the raw model: no padding trimming helps it here
@@ -129,8 +131,9 @@ def test_left_padding_does_not_change_last_position() -> None:
     torch.testing.assert_close(rec.diversity(short), rec.diversity(long), atol=1e-6, rtol=1e-5)
 
 
-def test_causal_no_peeking_at_later_items() -> None:
-    rec = tiny_recommender().eval()
+@pytest.mark.parametrize("freq_mix", [0.0, 0.7])
+def test_causal_no_peeking_at_later_items(freq_mix: float) -> None:
+    rec = tiny_recommender(freq_mix=freq_mix).eval()
     batch = make_batch(random_sequences(3, seed=4), max_len=12)
     changed = Batch(**{k: v.clone() for k, v in batch.__dict__.items()})
     changed.items[:, -1] = torch.where(changed.items[:, -1] > 0, 1 + changed.items[:, -1] % 7, 0)
@@ -138,6 +141,28 @@ def test_causal_no_peeking_at_later_items() -> None:
         before, after = rec.model(batch), rec.model(changed)
     mask = batch.items[:, :-1] > 0  # earlier real positions must not move
     torch.testing.assert_close(before[:, :-1][mask], after[:, :-1][mask])
+
+
+def test_freq_mix_is_a_causal_window_mean_and_off_by_default() -> None:
+    assert tiny_recommender().model.freq_mix is None  # default: the plain Llama backbone
+    mix = CausalFreqMix(d=4, alpha=0.5, window=3)
+    with torch.no_grad():
+        mix.sqrt_beta.copy_(torch.tensor([0.0, 1.0, 2.0, 0.5]))
+    h = torch.randn(2, 6, 4)
+    h[0, :2] = float("nan")  # row 0: two padding slots holding junk
+    pos = torch.tensor([[0, 0, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    out = mix(h, pos)
+    for b, first in ((0, 2), (1, 0)):
+        for t in range(first, 6):
+            low = h[b, max(first, t - 2) : t + 1].mean(0)  # the last <= 3 real events
+            want = low + mix.sqrt_beta.detach() ** 2 * (h[b, t] - low)
+            torch.testing.assert_close(out[b, t], want)
+    rec = tiny_recommender(freq_mix=0.7)
+    total, _ = rec.loss(make_batch(random_sequences(4), max_len=12))
+    total.backward()  # the branch is in the graph: its gain learns
+    assert all(m.sqrt_beta.grad.abs().sum() > 0 for m in rec.model.freq_mix)
+    with pytest.raises(ValueError, match="freq_mix"):
+        ModelConfig(freq_mix=1.5)
 
 
 def test_item_table_padding_row_is_zero() -> None:

@@ -13,9 +13,9 @@ from gymnasium.utils.env_checker import check_env
 
 from rec import artifacts
 from rl.arms import fixed, paired_gain, play, random_lam, split_users
-from rl.config import EnvConfig, LeavingConfig
-from rl.env import DiversityEnv, standardised_affinity
-from rl.features import request_observation
+from rl.config import EnvConfig, LeavingConfig, SessionConfig
+from rl.env import OBS_FIELDS, DiversityEnv, standardised_affinity
+from rl.features import SessionRecord, request_observation, session_observation
 from rl.simdata import SimulatorData
 from rl.users import UserTypes, history_exploration
 from rl.world import ARRAYS, World, WorldConfig, build_world, load_world, make_env, save_world
@@ -43,6 +43,53 @@ def test_request_observation_equals_env_reset(small_world):
             cfg,
         )
         np.testing.assert_allclose(got, obs, rtol=1e-6, atol=1e-7)
+
+
+def test_served_session_observation_equals_the_env_at_every_step(small_world):
+    """A client that sends the session so far (slates, clicks in click order, lam) and the
+    items no longer available gets the env's observation at that step, bit for bit, with the
+    world's fitted session parameters (here non-default), recycling and the entropy window."""
+    session = SessionConfig(w_exp=0.3, w_click=0.8, delta=0.6, leave_intercept=-4.0)
+    cfg = EnvConfig(
+        user_model="session", k=5, n_candidates=20, max_steps=12, entropy_window=2,
+        session=session,
+    )  # fmt: skip
+    env, d = DiversityEnv(small_world, cfg), small_world
+    rng, steps, recycled = np.random.default_rng(0), 0, False
+    for e in range(12):
+        obs, info = env.reset(seed=e)
+        u, record, shown, clicked_all, done = info["user"], SessionRecord(), [], [], False
+        while not done:
+            got = session_observation(
+                d.history_items[u], d.item_categories, float(d.diversity_head[u]),
+                d.scores[u], cfg, np.isin(d.candidates[u], shown), record,
+            )  # fmt: skip
+            np.testing.assert_array_equal(got, obs, err_msg=f"episode {e} step {len(shown)}")
+            obs, _, te, tr, info = env.step(rng.integers(11))
+            record.slates.append(info["slate"])
+            record.clicked.append(info["clicked"])
+            record.lams.append(info["lam"])
+            shown, clicked_all = (
+                shown + info["slate"].tolist(),
+                clicked_all + info["clicked"].tolist(),
+            )
+            if cfg.n_candidates - len(shown) < cfg.k:  # the env's "recycle", done by the client
+                shown, recycled = list(clicked_all), True
+            done, steps = te or tr, steps + 1
+    assert steps > 60 and recycled and obs[OBS_FIELDS.index("satiation_max")] > 0
+
+
+def test_session_record_and_replay_reject_bad_sessions(small_world):
+    with pytest.raises(ValueError, match=r"session\[0\].clicked"):
+        SessionRecord([np.array([3, 4])], [np.array([5])], [0.5])
+    with pytest.raises(ValueError, match=r"session\[0\].lam"):
+        SessionRecord([np.array([3, 4])], [np.array([4])], [1.5])
+    with pytest.raises(ValueError, match="user_model"):  # the types user's satiation is hidden
+        session_observation(
+            small_world.history_items[0], small_world.item_categories, 0.5,
+            small_world.scores[0], EnvConfig(), None,
+            SessionRecord([np.array([3, 4])], [np.array([4])], [0.5]),
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

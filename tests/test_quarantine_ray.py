@@ -1,4 +1,4 @@
-"""Quarantine end to end through Ray Data (rec/ray_prepare.py): every bad row lands in
+"""Quarantine end to end through Ray (rec/ray_prepare.py): every bad row lands in
 quarantine/ with its source file, byte offset, raw text and reason; stats.json counts them by
 reason; MovieLens ratings outside 1..5 are `bad_rating`; k-core on Ray equals the reference."""
 

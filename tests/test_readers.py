@@ -104,6 +104,50 @@ def test_malformed_rows_are_counted_by_reason(tmp_path):
     assert set(bad["raw"]) == set(lines[3:9])
 
 
+ODD_BUT_VALID = [" 5,+10,007,pv,1511600000", "\t5,10,-0,buy,1511600001\r", "5,10,1,fav,1511600002"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # every row well formed: polars' CSV reader takes the block
+        ["5,10,1, pv,1511600003"],  # a padded behavior: the line parser strips it
+        ["5,10,1,pv,1511600004 "],  # a padded number polars' reader refuses
+        ["\ufeff5,10,1,pv,1511600005"],  # a byte-order mark polars would skip
+        ["5,10,1,pv,15116.5", "", "5,10,1,pv"],  # bad number, blank line, too few fields
+        ["5,10,1,pv,1511600006,x", "5,,1,pv,1511600007", "5,10,1,click,1511600008"],
+    ],
+)
+def test_csv_fast_path_gives_the_line_parsers_rows(tmp_path, monkeypatch, extra):
+    """Taobao blocks go through polars' CSV reader and, when any row is bad, through the line
+    parser: events (with their read order) and quarantine equal the line parser's alone."""
+    import rec.data.readers as readers_mod
+    import rec.data.textio as textio
+
+    rows = [f"{u},{u % 7},3,pv,{1511600100 + u}" for u in range(300)]
+    lines = extra + GOOD + ODD_BUT_VALID + rows  # a byte-order mark counts at the start only
+    path = tmp_path / "x.csv"
+    path.write_bytes(("\n".join(lines)).encode())  # no newline at the end
+    monkeypatch.setattr(textio, "BLOCK_BYTES", 1000)  # several blocks: clean ones and bad ones
+    cfg = DataConfig(format="taobao", path=str(path), chunk_mb=1)
+    taken = []  # per block: did polars' reader parse it
+    fast = readers_mod.parse_csv_block
+
+    def counted(*args):
+        frame = fast(*args)
+        taken.append(frame is not None)
+        return frame
+
+    monkeypatch.setattr(readers_mod, "parse_csv_block", counted)
+    fast_events, fast_bad = read_all(cfg)
+    assert sum(taken) > 3 and (all(taken) or extra)  # most blocks hold only good rows
+    monkeypatch.setattr(readers_mod, "parse_csv_block", lambda *a: None)
+    line_events, line_bad = read_all(cfg)
+    if not extra:
+        assert fast_events.height == len(lines) and fast_bad.height == 0
+    assert fast_events.equals(line_events) and fast_bad.equals(line_bad)
+
+
 @pytest.mark.parametrize(
     "content, match",
     [

@@ -19,6 +19,7 @@ from rec.data.schema import BEHAVIOR_TOKENS
 from rec.export import load_export
 from rec.metrics import ild_jaccard
 from rec.rerank import RerankConfig
+from serve import proxy_retry
 from serve.app import app_builder, build_app
 from serve.catalog import Catalog, UserHistories
 from serve.config import ServeConfig
@@ -262,6 +263,8 @@ def test_serve_config_files_name_the_deployments_the_app_builds(model_dir, name)
     (app_cfg,) = schema.applications
     assert app_cfg.import_path == "serve.app:app_builder"
     assert raw["http_options"]["host"] == "127.0.0.1"  # loopback unless exposed on purpose
+    replay = proxy_retry.controller_env(2, 2.0, 1.0)  # serve.proxy_retries etc., as jobs.serve
+    assert raw["controller_options"]["runtime_env"]["env_vars"] == replay
     built = ray_build_app(app_builder({**app_cfg.args, "model_dir": str(model_dir)}), name="x")
     assert {d.name for d in app_cfg.deployments} == {d.name for d in built.deployments}
     fused = bool(app_cfg.args.get("serve", {}).get("fused"))

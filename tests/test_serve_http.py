@@ -301,35 +301,44 @@ def kill_and_wait_replaced(victims: dict[str, list[str]], timeout_s: float = 120
         time.sleep(0.2)
 
 
-def test_one_replica_of_every_stage_killed_loses_no_request(server) -> None:
-    """Two replicas per stage: a call that hit a killed replica is retried on the other one."""
+def test_one_replica_of_every_deployment_killed_loses_no_request(server) -> None:
+    """Two replicas per deployment, one of each killed: a stage call that hit a killed replica
+    is retried on the other one by the ingress; a request in flight on the killed ingress
+    replica is replayed by the HTTP proxy (serve/proxy_retry.py; Ray alone answers it 500).
+    2 clients: what the one Ingress replica left takes with room (2 running + 2 queued):
+    measured {200: 482}. 4 clients resending at once measured {200: 583, 503: 588}, 3 {200:
+    512, 503: 25}: refused by that limit (Ray's router also refuses some requests below it
+    when they arrive together), never 500."""
     catalog, _ = server
-    victims = {dep: replica_actor_names(dep)[:1] for dep in STAGES}
+    victims = {dep: replica_actor_names(dep)[:1] for dep in ("Ingress", *STAGES)}
     assert all(victims.values()), victims
-    with Load(URL, catalog, workers=4, backoff_s=0.0) as load:
+    with Load(URL, catalog, workers=2, backoff_s=0.0) as load:
         load.wait_for(40)
         recovery = kill_and_wait_replaced(victims)
         load.wait_for(40)  # answers served by the replacements too
     print(f"[replica kill] {load.codes()} during the kill, replaced in {recovery:.1f} s")
     codes = load.codes()
-    # Measured: {200: 916, 503: 18} with 3 retries over 0.35 s; never a 500 (before: 500s, and this test
-    # accepted half the requests failing). 503 + Retry-After when a call's retries run out.
-    assert set(codes) <= {200, 503} and codes.get(503, 0) <= 0.05 * len(load.results), codes
+    # Measured (session 8, 2 clients, Ingress killed too): {200: 482}; stages only, 4 clients
+    # (session 7): 1-2 % 503. Never a 500 (before: 500s, and this test accepted half the
+    # requests failing). 503 + Retry-After when a call's retries run out.
+    assert set(codes) <= {200, 503} and codes.get(503, 0) <= 0.02 * len(load.results), codes
     assert all(retry == "1" for c, _, retry in load.results if c == 503)
 
 
 def test_every_replica_of_a_stage_killed_is_503_never_500(server) -> None:
-    """Both Ranker replicas gone (what one replica's loss is with serve.replicas=1): requests
-    are 503 + Retry-After (or wait for the replacement and succeed), never 500."""
+    """Both Ranker and both Ingress replicas gone (what one replica's loss is with
+    serve.replicas=1): requests are 503 + Retry-After (or wait for the replacement and
+    succeed), never 500."""
     catalog, _ = server
     with Load(URL, catalog, workers=4, backoff_s=0.0) as load:
         load.wait_for(40)
-        recovery = kill_and_wait_replaced({"Ranker": replica_actor_names("Ranker")})
+        victims = {dep: replica_actor_names(dep) for dep in ("Ingress", "Ranker")}
+        recovery = kill_and_wait_replaced(victims)
         deadline = time.monotonic() + 60  # recovered: 20 answers in a row are 200
         while [c for c, _, _ in load.results[-20:]] != [200] * 20:
             assert time.monotonic() < deadline, load.codes()
             load.wait_for(1)
-    print(f"[all Ranker replicas killed] {load.codes()}, replaced in {recovery:.1f} s")
+    print(f"[all Ingress, Ranker replicas killed] {load.codes()}, replaced in {recovery:.1f} s")
     assert set(load.codes()) <= {200, 503}, load.codes()
     assert all(retry == "1" for c, _, retry in load.results if c == 503)
 

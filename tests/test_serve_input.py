@@ -189,6 +189,60 @@ def test_admission_refuses_beyond_max_running_before_reading() -> None:
     run_sync(main())
 
 
+def test_proxy_replays_unanswered_idempotent_requests_then_503() -> None:
+    """serve/proxy_retry.py around an app that behaves as Ray's proxy does when the ingress
+    replica dies (returns having sent nothing): the same body is replayed and its answer
+    passed on once; a replay that does not start answering within wait_s is dropped (its late
+    messages never reach the client) and, retries spent, the client gets 503 + Retry-After;
+    a non-idempotent route and a body over MAX_BODY are passed through untouched."""
+    import asyncio
+
+    from serve.proxy_retry import MAX_BODY, RetryUnanswered
+
+    bodies: list[bytes] = []
+
+    async def proxy(scope, receive, send):  # attempt 1 dies, 2 hangs, 3 answers
+        bodies.append((await receive())["body"])
+        if len(bodies) == 2:
+            await asyncio.sleep(0.5)
+        if len(bodies) >= 2:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(path: str, retries: int, headers=()) -> list[dict]:
+        sent: list[dict] = []
+        messages = [{"type": "http.request", "body": b'{"k": 3}', "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        async def main() -> None:
+            scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
+            await RetryUnanswered(proxy, retries=retries, wait_s=0.1, retry_after_s=0.5)(
+                scope, receive, send
+            )
+            await asyncio.sleep(0.6)  # the abandoned attempt wakes up: nothing more is sent
+
+        run_sync(main())
+        return sent
+
+    sent = call("/recommend", retries=2)
+    assert bodies == [b'{"k": 3}'] * 3 and [m.get("status") for m in sent] == [200, None]
+    bodies.clear()
+    sent = call("/recommend", retries=1)  # the one replay hangs: 503
+    assert len(bodies) == 2 and [m.get("status") for m in sent] == [503, None]
+    assert (b"retry-after", b"1") in sent[0]["headers"]  # ceil(0.5), as Ray writes it
+    bodies.clear()
+    assert call("/other", retries=2) == [] and len(bodies) == 1  # POST elsewhere: no replay,
+    # and Ray's proxy dying without an answer stays uvicorn's 500
+    bodies.clear()
+    big = [(b"content-length", str(MAX_BODY + 1).encode())]
+    assert call("/recommend", retries=2, headers=big) == [] and len(bodies) == 1
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_schemathesis_in_process_finds_no_5xx(client, mode) -> None:
     """Every operation of /openapi.json, seeded (derandomized): the same cases every run."""

@@ -176,9 +176,9 @@ def test_env_runs_the_session_user_and_intent_drives_repeats(world):
     assert repeat_rate(world, sticky) > repeat_rate(world, hopping) + 0.2
 
 
-def test_simulated_moments_recover_planted_popularity_stickiness_and_leaving():
+def test_simulated_moments_recover_planted_popularity_stickiness_revisits_and_leaving():
     """rl.moments: sessions simulated under planted (popularity_weight, stick_offset,
-    leave_intercept) give the target moments; a fit from the defaults reproduces them (the
+    revisit_weight, leave_intercept) give the target moments; a fit from the defaults reproduces them (the
     parameters move the right way from the defaults)."""
     from rl.moments import fit_moments, item_popularity, simulate_moments
 
@@ -186,12 +186,19 @@ def test_simulated_moments_recover_planted_popularity_stickiness_and_leaving():
     counts = np.random.default_rng(0).poisson(np.exp(np.random.default_rng(1).normal(1, 1, 801)))
     data.item_popularity = item_popularity(counts)
     base = EnvConfig(k=5, n_candidates=60, max_steps=12, user_model="session")
-    planted = replace(base.session, popularity_weight=-1.5, stick_offset=2.0, leave_intercept=-1.5)
+    planted = replace(
+        base.session,
+        popularity_weight=-1.5,
+        stick_offset=2.0,
+        revisit_weight=-3.0,
+        leave_intercept=-1.5,
+    )
     rows = np.arange(40)
     target = simulate_moments(data, replace(base, session=planted), rows, 300, 7, 1)
     neutral = simulate_moments(data, base, rows, 300, 7, 1)
     assert target["log_popularity"] < neutral["log_popularity"] - 0.1
     assert target["repeat_rate"] > neutral["repeat_rate"] + 0.05
+    assert target["revisit_rate"] < neutral["revisit_rate"] - 0.05, (target, neutral)
     fitted, out = fit_moments(data, base, rows, target, 1, episodes=300, iterations=6, seed=7)
     got = out["simulated"]
     assert (
@@ -200,4 +207,15 @@ def test_simulated_moments_recover_planted_popularity_stickiness_and_leaving():
     ), (got, target)
     assert abs(got["log_popularity"] - target["log_popularity"]) < 0.1, (got, target)
     assert abs(got["repeat_rate"] - target["repeat_rate"]) < 0.05, (got, target)
+    assert abs(got["revisit_rate"] - target["revisit_rate"]) < 0.04, (got, target)
     assert fitted.popularity_weight < -0.5 and fitted.stick_offset > 0.5, fitted
+    assert fitted.revisit_weight < -1.0, fitted
+
+
+def test_revisits_known_answer():
+    from rl.moments import revisits
+
+    # A A B A C B B: event 3 (A after B) and event 5 (B after C) go back; repeats do not count
+    got = revisits(np.array([1, 1, 2, 1, 3, 2, 2]))
+    np.testing.assert_array_equal(got, [False, False, True, False, True, False])
+    assert revisits(np.array([4])).size == 0

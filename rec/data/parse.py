@@ -7,6 +7,7 @@ valid events from the quarantined rows. Nothing is dropped silently.
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -52,6 +53,43 @@ def parse_delimited(lines: pl.DataFrame, sep: str, names: list[str]) -> pl.DataF
         .then(pl.lit("bad_number"))
     )
     return df.with_columns(reason.alias("_reason"), **typed).drop("_f")
+
+
+def parse_csv_block(data: bytes, base: int, sep: str, names: list[str]) -> pl.DataFrame | None:
+    """The frame `parse_delimited(lines_frame(data, base, "utf-8"), sep, names)` gives for a
+    block whose every row is well formed (`raw` left null), from polars' multi-threaded CSV
+    reader typing the numbers itself: ~5x faster than splitting and typing lines.
+
+    None when the block is not that: a row with too few or too many fields, an empty field, a
+    blank line, a number polars does not parse, invalid UTF-8. The caller then parses the block
+    with the line parser, which says why each bad row is bad. Where polars' integer parser
+    accepts a field, it gives the value `str.strip_chars().str.to_integer()` gives
+    (tests/test_readers.py checks odd tokens); string fields are not stripped here, so one with
+    spaces fails validation and sends the block to the line parser too.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        return None  # polars skips a byte-order mark; the line parser rejects the first row
+    schema = {n: pl.String if n in _STRING_FIELDS + _FLOAT_FIELDS else pl.Int64 for n in names}
+    try:
+        df = pl.read_csv(
+            data, has_header=False, new_columns=names, schema=schema, separator=sep,
+            quote_char=None,
+        )  # fmt: skip
+    except (pl.exceptions.PolarsError, ValueError):
+        return None
+    floats = [pl.col(n).str.strip_chars().cast(pl.Float32, strict=False) for n in _FLOAT_FIELDS]
+    df = df.with_columns(f for f, n in zip(floats, _FLOAT_FIELDS, strict=True) if n in names)
+    n_lines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    if df.height != n_lines or any(df.null_count().row(0)):
+        return None
+    # Byte offset of each line's start, as lines_frame computes it (the row's read order).
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n"))
+    starts = np.concatenate(([0], newlines[: n_lines - 1] + 1)) + base
+    return df.with_columns(
+        pl.lit(None, pl.String).alias("raw"),
+        pl.Series("offset", starts, pl.Int64),
+        pl.lit(None, pl.String).alias("_reason"),
+    )
 
 
 def parse_amazon(lines: pl.DataFrame, item_attrs: pl.DataFrame) -> pl.DataFrame:

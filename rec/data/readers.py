@@ -38,6 +38,7 @@ from rec.data.parse import (
     TAOBAO_BEHAVIORS,
     lines_frame,
     parse_amazon,
+    parse_csv_block,
     parse_delimited,
     split_valid,
     validate_events,
@@ -143,15 +144,29 @@ def _plan_taobao(cfg: DataConfig) -> tuple[list[Chunk], list[Path | str]]:
 
 
 def _read_taobao(chunk: Chunk, cfg: DataConfig, file_base: int):
-    lo, hi = cfg.window()
-    columns = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
+    """Each block through polars' CSV reader; a block with any bad row again through the line
+    parser, which quarantines each bad row with its reason and text (same valid rows)."""
     for offset, data in iter_blocks(chunk):
-        parsed = parse_delimited(lines_frame(data, offset, "utf-8"), ",", columns)
-        parsed = parsed.with_columns(
-            pl.concat_list(pl.col("category_id")).alias("category_ids"),
-            pl.lit(None, pl.Float32).alias("value"),
-        )
-        yield split_valid(validate_events(parsed, TAOBAO_BEHAVIORS, lo, hi), chunk.path, file_base)
+        fast = parse_csv_block(data, offset, ",", _TAOBAO_COLUMNS)
+        if fast is not None:
+            events, bad = _taobao_rows(fast, cfg, chunk.path, file_base)
+            if not bad.num_rows:
+                yield events, bad
+                continue
+        parsed = parse_delimited(lines_frame(data, offset, "utf-8"), ",", _TAOBAO_COLUMNS)
+        yield _taobao_rows(parsed, cfg, chunk.path, file_base)
+
+
+_TAOBAO_COLUMNS = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
+
+
+def _taobao_rows(parsed: pl.DataFrame, cfg: DataConfig, path: str, file_base: int):
+    lo, hi = cfg.window()
+    parsed = parsed.with_columns(
+        pl.concat_list(pl.col("category_id")).alias("category_ids"),
+        pl.lit(None, pl.Float32).alias("value"),
+    )
+    return split_valid(validate_events(parsed, TAOBAO_BEHAVIORS, lo, hi), path, file_base)
 
 
 # ----------------------------------------------------------------------------- amazon
