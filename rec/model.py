@@ -89,6 +89,10 @@ class ModelConfig:
     repeat_bias: bool = True
     loss_weights: LossWeights = field(default_factory=LossWeights)  # per-task weights
     uncertainty_weighting: bool = False  # learn log sigma^2 per task (Kendall et al. 2018)
+    # The relevance and diversity heads learn from detached hidden states and item vectors: their
+    # losses train the heads only, never the backbone or the item table (the interest head
+    # alone shapes them; on Beauty the auxiliary losses cost the interest head ~5 % NDCG).
+    aux_detach: bool = False
     # Causal BSARec-style mix in every layer (rec/layers.py): attention output weighted 1 - a,
     # a low-pass (mean of the last `freq_window` events) + learned high-pass branch a. 0: off.
     freq_mix: float = 0.0

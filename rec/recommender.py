@@ -120,6 +120,8 @@ class Recommender(nn.Module):
         if weights.interest > 0:
             history = causal_history(batch.items, mask) if self.repeat_logit is not None else None
             losses["interest"] = self._interest_loss(h, target_vecs, targets, table, history)
+        if self.cfg.aux_detach:  # the auxiliary heads read the states; gradients stop here
+            h, target_vecs = h.detach(), target_vecs.detach()
         if weights.relevance > 0:
             behaviors = batch.target_behaviors[mask]  # (P,)
             losses["relevance"] = self._relevance_loss(h, target_vecs, targets, behaviors)
@@ -171,6 +173,8 @@ class Recommender(nn.Module):
         shape = (len(targets), self.cfg.relevance_negatives)
         neg_ids = torch.randint(1, self.dims.n_items + 1, shape, device=h.device)  # (P, K)
         neg_vecs = self.model.item_vectors(neg_ids)  # (P, K, D)
+        if self.cfg.aux_detach:
+            neg_vecs = neg_vecs.detach()
         neg_logits = self.relevance_head(h.unsqueeze(1).expand_as(neg_vecs), neg_vecs)  # (P, K)
         return relevance_sampled_loss(pos_logits, neg_logits, neg_ids != targets.unsqueeze(1))
 

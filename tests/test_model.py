@@ -111,6 +111,35 @@ def test_losses_and_inference_shapes(interest_loss: str, relevance_mode: str) ->
     assert rec.user_embedding(batch).shape == (5, 32)
 
 
+@pytest.mark.parametrize("relevance_mode", ["graded", "sampled"])
+def test_detached_auxiliary_heads_leave_the_backbone_to_the_interest_loss(relevance_mode) -> None:
+    """model.aux_detach: the relevance and diversity losses train their heads only. The backbone
+    and item table get exactly the gradients of the interest loss alone, the heads get some."""
+    from rec.model import LossWeights
+
+    batch = make_batch(random_sequences(6, seed=4), max_len=12)
+    grads = {}
+    for name, overrides in {
+        "detached": {"aux_detach": True},
+        "interest_only": {"loss_weights": LossWeights(relevance=0.0, diversity=0.0)},
+    }.items():
+        rec = tiny_recommender(seed=5, relevance_mode=relevance_mode, **overrides)
+        torch.manual_seed(6)  # the same dropout masks in both
+        total, metrics = rec.loss(batch)
+        total.backward()
+        grads[name] = {n: p.grad for n, p in rec.named_parameters() if p.grad is not None}
+        if name == "detached":
+            assert metrics["loss_relevance"] > 0 and metrics["loss_diversity"] > 0
+    shared = grads["interest_only"]  # backbone, item tables, repeat logit
+    assert (
+        any(n.startswith("model.backbone.") for n in shared) and "model.item_emb.weight" in shared
+    )
+    for n, g in shared.items():
+        torch.testing.assert_close(grads["detached"][n], g, msg=n)
+    heads = [n for n in grads["detached"] if n.startswith(("relevance_head", "diversity_head"))]
+    assert heads and all(grads["detached"][n].abs().sum() > 0 for n in heads)
+
+
 def test_relevance_auto_follows_data() -> None:
     cats = make_categories()
     with torch.device("meta"):
