@@ -159,14 +159,16 @@ def replay(
             f"{cfg.user_model!r}: its satiation is hidden per-user state)"
         )
     n_cat = int(np.max(item_categories))
-    weights = category_weights(item_categories)  # (n_items + 1, C)
     user = SessionUser(n_cat, cfg.k, cfg.session, cfg.choice, np.zeros(1))
     trace = SessionTrace(n_cat + 1, cfg.entropy_window)
     for slate, clicked, lam in zip(session.slates, session.clicked, session.lams, strict=True):
         slate = np.asarray(slate, dtype=np.int64)  # (k,)
         slot = {int(item): j for j, item in enumerate(slate.tolist())}
         order = np.array([slot[int(i)] for i in np.asarray(clicked).tolist()], np.int64)
-        cats, w = item_categories[slate], weights[slate]  # (k, C), (k, C)
+        # Row-wise weights of the slate's rows only: the catalogue's would be n_items x C
+        # floats per request (100s of MB at Taobao's size) for the same k rows.
+        cats = item_categories[slate]  # (k, C)
+        w = category_weights(cats)  # (k, C)
         user.replay(cats, w, order)  # satiation in click order, as the user clicked
         trace.record(cats, w, np.sort(order), float(lam))
     return trace, user
