@@ -11,12 +11,14 @@ peak RSS is its own (VmHWM):
   generate   the Taobao-shaped synthetic log streamed to parquet at scale 0.01, 0.1, 1 (~1M,
              ~10M, ~100M events): seconds, peak RSS (bounded: one 20k-user chunk at a time)
   prepare    the same log (jobs/configs/taobao_scale.yaml) at scale 0.01, 0.1, 1 written as one
-             CSV like the real file, then jobs.prepare's Ray Data pipeline and the
+             CSV like the real file, then jobs.prepare's pipeline (CSV blocks parsed by
+             polars inside plain Ray tasks: rec/ray_prepare.py) and the
              single-process polars references (bench/prepare.py: eager where it fits, i.e.
              up to 10M events, and streaming at every size); driver and largest-worker peak
              RSS, output bytes, Ray over the fastest polars reference
   train      bench/scale_train.py: Ray Train + DeepSpeed steps (2 CPU workers) at 100k, 1M
-             (4M) items under ZeRO-2, ZeRO-3 and a row-sparse item table: step seconds,
+             (4M) items under ZeRO-2, ZeRO-3 and the row-sparse item table
+             (train.item_table=sparse, rec/sparse_table.py, as jobs.train): step seconds,
              tokens/s, largest worker RSS; quality (scale_quality.py): sampled vs full softmax
   serve      bench/scale_serve.py: the HTTP endpoint over a 4.16M-item export: p50/p99
   evaluate   full ranking of every item, chunked over items (rec/evaluation.py), for a sample

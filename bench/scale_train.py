@@ -133,11 +133,12 @@ def build_model(model_cfg, n_items: int, counts: np.ndarray | None = None):
 def _timed_steps(engine, rows, train_cfg, warmup: int, rank: int, table=None):
     """Warm-up steps, then the timed ones: (seconds, timed steps, real target tokens). No host
     sync inside the timed window on a GPU (tokens are counted on the CPU copy of the batch;
-    the clock is read after a device synchronize at both ends). table: a SparseItemTable
-    stepped after the engine (bench/scale_sparse.py), or None."""
+    the clock is read after a device synchronize at both ends). table: the row-sparse item
+    table stepped after the engine (rec/sparse_table.py, as in jobs.train), or None."""
     import torch
 
     from rec.data.batch import length_batches
+    from rec.sparse_table import optimizer_step
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rng = np.random.default_rng(rank)
@@ -151,9 +152,7 @@ def _timed_steps(engine, rows, train_cfg, warmup: int, rank: int, table=None):
             steps, tokens = steps + 1, tokens + int((batch.targets > 0).sum())
         loss, _ = engine(batch.to(engine.device))
         engine.backward(loss)
-        engine.step()
-        if table is not None:
-            table.step()
+        optimizer_step(engine, table)
     sync()
     return time.perf_counter() - t0, steps, tokens
 
@@ -164,8 +163,8 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from bench.scale_sparse import SparseItemTable
     from rec.deepspeed_setup import deepspeed_engine, worker_env
+    from rec.sparse_table import dense_parameters, sparse_item_table
 
     model_cfg, train_cfg = config["model"], config["train"]
     worker_env(train_cfg, config["extensions_dir"])
@@ -174,9 +173,8 @@ def train_loop(config: dict) -> None:
     t0 = time.perf_counter()
     model = build_model(model_cfg, config["items"])
     n_steps = config["steps"] + config["warmup"]
-    table = SparseItemTable(model, train_cfg.lr) if config["sparse"] else None
-    params = table.dense_parameters() if table else None
-    engine = deepspeed_engine(model, train_cfg, n_steps, params)
+    table = sparse_item_table(model, train_cfg, n_steps)  # train.item_table, as jobs.train
+    engine = deepspeed_engine(model, train_cfg, n_steps, dense_parameters(model, table))
     setup_s = time.perf_counter() - t0
     seqs = sequences(config["items"], n_steps * train_cfg.batch_size, model_cfg.max_len, 100 + rank)
     seconds, steps, tokens = _timed_steps(
@@ -195,6 +193,7 @@ def train_loop(config: dict) -> None:
             "setup_seconds": setup_s,
             "steps": steps,
             "interest_loss": model.interest_loss,
+            "item_table": "sparse" if table else "dense",
         }
         if torch.cuda.is_available():
             record["gpu_peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -205,13 +204,17 @@ def train_point(
     n_items: int, zero_stage: int | str, steps: int = 30, warmup: int = 5, overrides=()
 ) -> dict:
     """One Ray Train run (2 CPU workers) of `steps` timed steps after `warmup` at n_items.
-    zero_stage: 2 or 3, or "sparse" (the item table row-sparse, the rest under ZeRO-2)."""
+    zero_stage: 2 or 3 (train.item_table=dense), or "sparse" (train.item_table=sparse: the
+    item table row-sparse, the rest under ZeRO-2)."""
     import ray
 
     from jobs.common import RayConfig, start_local_ray
 
     stage = 2 if zero_stage == "sparse" else int(zero_stage)
-    model_cfg, train_cfg = scale_configs([f"train.deepspeed.zero_stage={stage}", *overrides])
+    table = "sparse" if zero_stage == "sparse" else "dense"
+    model_cfg, train_cfg = scale_configs(
+        [f"train.deepspeed.zero_stage={stage}", f"train.item_table={table}", *overrides]
+    )
     ext = os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     if not ray.is_initialized():  # on loopback, as a job's local Ray
         start_local_ray(RayConfig(num_cpus=None if train_cfg.use_gpu else 2), log_to_driver=False)
@@ -227,7 +230,6 @@ def train_point(
         "warmup": warmup,
         "extensions_dir": ext,
         "result_path": str(result_path),
-        "sparse": zero_stage == "sparse",
     }
     _fit(loop_config, train_cfg, f"scale-train-{n_items}-z{zero_stage}")
     m = json.loads(result_path.read_text())
@@ -244,6 +246,7 @@ def train_point(
         "workers": train_cfg.num_workers,
         "batch_size": train_cfg.batch_size,
         "interest_loss": m["interest_loss"],
+        "item_table": m["item_table"],
         "n_negatives": model_cfg.n_negatives,
     }
 

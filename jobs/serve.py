@@ -73,7 +73,9 @@ def _controller_options(cfg: RunConfig) -> dict | None:
     s = cfg.serve
     if not s.proxy_retries:
         return None
-    env = proxy_retry.controller_env(s.proxy_retries, s.proxy_retry_wait_s, s.retry_after_s)
+    env = proxy_retry.controller_env(
+        s.proxy_retries, s.proxy_retry_wait_s, s.retry_after_s, s.proxy_first_wait_s
+    )
     return {"runtime_env": {"env_vars": env}}
 
 

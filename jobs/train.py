@@ -27,6 +27,7 @@ from rec import artifacts, storage
 from rec.config_loader import ConfigError
 from rec.data.splits import load_item_tables
 from rec.logs import get_logger
+from rec.sparse_table import check_resume
 from rec.train import describe, fit
 
 log = get_logger("train")
@@ -51,7 +52,10 @@ def run(cfg: RunConfig) -> dict:
         artifacts.verify(storage.absolute(resume))
     storage.delete(run_dir)
     info = describe(spec, load_item_tables(prepared))
-    log.info("%s parameters; data %s", f"{info['parameters']:,}", prepared)
+    log.info("%s parameters, item table %s; data %s", f"{info['parameters']:,}",
+             info["item_table"], prepared)  # fmt: skip
+    if resume:  # the same item table as the checkpoint's (rec/sparse_table.py)
+        check_resume(storage.absolute(resume), info["item_table"])
     result = fit(spec)
     if result.error:
         raise result.error

@@ -189,6 +189,7 @@ def _ladder(cfg: RunConfig, data, env_cfg, split, arms: dict) -> dict:
         if r in lad
     ]
     log.info("ladder vs best fixed lam %.1f: %s", lad["best_fixed"]["lam"], "; ".join(parts))
+    log.info("80 %% target: %s", lad.get("target_80pct"))
     return lad
 
 

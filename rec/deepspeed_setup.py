@@ -105,7 +105,7 @@ def deepspeed_engine(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: 
     model.forward, backward and the optimizer step). Call `worker_env` first.
 
     params: the parameters DeepSpeed's optimizer owns (default: all of the model's); others
-    are left to the caller (bench/scale_sparse.py: the item table trained row-sparse)."""
+    are left to the caller (rec/sparse_table.py: the item table trained row-sparse)."""
     import deepspeed  # here, after worker_env: DeepSpeed picks its accelerator at import
 
     params = list(model.parameters()) if params is None else list(params)

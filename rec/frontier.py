@@ -40,6 +40,7 @@ from rec.data.batch import SCORE_BATCH_SIZE, collate, length_batches
 from rec.data.splits import ItemTables, load_examples, load_item_tables
 from rec.evaluation import DEFAULT_ITEM_CHUNK, empty_top, in_chunk, merge_top
 from rec.export import load_export
+from rec.frontier_summary import summarize
 from rec.logs import progress
 from rec.metrics import (
     category_coverage,
@@ -310,48 +311,6 @@ def _chunk_scores(model: Recommender, table: torch.Tensor, batch) -> ChunkScores
     """The model's own interest logits (`Recommender.next_item_scores`) by item range."""
     h = model.user_embedding(batch, table)  # (B, D)
     return lambda lo, hi: model.next_item_scores(h, batch.items, table, lo, hi)
-
-
-def summarize(
-    metrics: dict[tuple[str, float | None], dict[str, float]],
-    reference: dict[str, float],
-    cfg: FrontierConfig,
-) -> tuple[dict[str, list[dict]], dict]:
-    """Rows per method with relative changes versus `reference`, and the target summary."""
-    ndcg, ild = f"ndcg@{cfg.k}", f"ild@{cfg.k}"
-    frontier: dict[str, list[dict]] = {}
-    for (method, lam), row in metrics.items():
-        change = {
-            "ndcg_change": _relative(row[ndcg], reference[ndcg]),
-            "ild_change": _relative(row[ild], reference[ild]),
-        }
-        frontier.setdefault(method, []).append({"lam": lam, **row, **change})
-    per_method = {}
-    for method, rows in frontier.items():
-        if method == "none":
-            continue
-        ok = [r for r in rows if r["ndcg_change"] >= -cfg.max_ndcg_drop]
-        best = max(ok, key=lambda r: r["ild_change"]) if ok else None
-        per_method[method] = {
-            "best_lam": None if best is None else best["lam"],
-            "ndcg_change": None if best is None else best["ndcg_change"],
-            "ild_change": None if best is None else best["ild_change"],
-            ild: None if best is None else best[ild],
-            "target_met": best is not None and best["ild_change"] >= cfg.target_ild_gain,
-            "max_ild_change": max(r["ild_change"] for r in rows),
-        }
-    summary = {
-        "max_ndcg_drop": cfg.max_ndcg_drop,
-        "target_ild_gain": cfg.target_ild_gain,
-        "reference": {ndcg: reference[ndcg], ild: reference[ild]},
-        "methods": per_method,
-        "target_met": any(m["target_met"] for m in per_method.values()),
-    }
-    return frontier, summary
-
-
-def _relative(value: float, ref: float) -> float | None:
-    return None if ref == 0 else value / ref - 1.0
 
 
 def select_users(examples: dict[str, np.ndarray], max_users: int | None, seed: int) -> dict:

@@ -61,3 +61,34 @@ def attach_freq_mix(layers: nn.ModuleList, d: int, alpha: float, window: int) ->
     for layer, mix in zip(layers, mixes, strict=True):
         layer.self_attn.register_forward_hook(mix.hook, with_kwargs=True)
     return mixes
+
+
+class ResidualDropout(nn.Module):
+    """Dropout on a sub-layer's output before it joins the residual stream (GPT-2's
+    resid_pdrop, SASRec's dropout after attention and the FFN). Llama has none: its
+    `attention_dropout` only drops attention probabilities, so with small data the MLP and the
+    attention projections fit the training sequences freely."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"model.residual_dropout must be in (0, 1), got {p!r}")
+        self.p = p
+
+    def hook(self, module: nn.Module, args: tuple, output):
+        """A forward hook on a LlamaAttention (output: (attn, weights)) or a LlamaMLP (tensor)."""
+        drop = nn.functional.dropout
+        if isinstance(output, tuple):
+            return (drop(output[0], self.p, self.training), *output[1:])
+        return drop(output, self.p, self.training)
+
+
+def attach_residual_dropout(layers: nn.ModuleList, p: float) -> ResidualDropout:
+    """Hook one `ResidualDropout` on every decoder layer's self_attn and mlp (after any freq
+    mix: hooks run in registration order); register it on the model so train()/eval() reach
+    it. It has no parameters: the backbone still saves and exports as a plain Llama."""
+    dropout = ResidualDropout(p)
+    for layer in layers:
+        layer.self_attn.register_forward_hook(dropout.hook)
+        layer.mlp.register_forward_hook(dropout.hook)
+    return dropout

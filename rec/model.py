@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from rec.data.batch import N_GAP_TOKENS, Batch
 from rec.data.schema import N_BEHAVIOR_TOKENS
-from rec.layers import attach_freq_mix
+from rec.layers import attach_freq_mix, attach_residual_dropout
 
 INIT_STD = 0.02  # GPT-2 / Llama default; keeps the tied output logits small at start
 
@@ -97,6 +97,9 @@ class ModelConfig:
     # a low-pass (mean of the last `freq_window` events) + learned high-pass branch a. 0: off.
     freq_mix: float = 0.0
     freq_window: int = 5  # events in the causal low-pass window (freq_mix > 0)
+    # Dropout on each layer's attention and MLP outputs before the residual add (rec/layers.py:
+    # ResidualDropout; SASRec's placement). 0: off, Llama's own behaviour.
+    residual_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.size not in SIZE_PRESETS:
@@ -119,6 +122,10 @@ class ModelConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.freq_mix <= 1.0:
             raise ValueError(f"model.freq_mix must be in [0, 1], got {self.freq_mix!r}")
+        if not 0.0 <= self.residual_dropout < 1.0:
+            raise ValueError(
+                f"model.residual_dropout must be in [0, 1), got {self.residual_dropout!r}"
+            )
         if self.freq_window < 1:
             raise ValueError(f"model.freq_window must be >= 1, got {self.freq_window!r}")
         if self.temperature <= 0:
@@ -223,6 +230,11 @@ class SeqRecModel(nn.Module):
         self.freq_mix = (
             attach_freq_mix(self.backbone.layers, d, cfg.freq_mix, cfg.freq_window)
             if cfg.freq_mix > 0
+            else None
+        )
+        self.residual_dropout = (
+            attach_residual_dropout(self.backbone.layers, cfg.residual_dropout)
+            if cfg.residual_dropout > 0
             else None
         )
         self._init_embeddings()

@@ -4,6 +4,8 @@ A checkpoint directory holds
 
     deepspeed/   every rank's DeepSpeed shard (tag CKPT_TAG), what a restarted run resumes from
     state.json   the loop's counters (rec/resume.py: epoch, step, epoch_batches, ...) (rank 0)
+    sparse_item_table.safetensors  with train.item_table sparse: the item rows' SparseAdam
+                 moments and step (rank 0; rec/sparse_table.py; the rows are in deepspeed/)
     export/      the consolidated serving export: safetensors + config (rank 0, rec.export);
                  epoch ends only: a mid-epoch checkpoint is for resuming, never served
 
@@ -32,9 +34,10 @@ log = get_logger("train")
 CKPT_TAG = "ds"  # DeepSpeed checkpoint tag (a subdirectory; "latest" is its pointer file)
 
 
-def restore(engine, resume_from: str | None) -> dict:
+def restore(engine, resume_from: str | None, table=None) -> dict:
     """Latest checkpoint of this run (after a failure), else `resume_from`, else fresh: the
-    loop's counters, with the engine's weights and optimizer state loaded in place."""
+    loop's counters, with the engine's weights and optimizer state loaded in place (and a
+    SparseItemTable's optimizer state and LR schedule, `table`)."""
     state = fresh_state()  # older checkpoints lack epoch_batches: they are epoch ends
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -48,6 +51,8 @@ def restore(engine, resume_from: str | None) -> dict:
         artifacts.verify(str(d))  # every rank's files complete and unaltered, else one line
         engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
         state |= json.loads((Path(d) / "state.json").read_text())
+        if table is not None:
+            table.load(d, state["step"])
     log.info(
         "resumed at epoch %d step %d (batches done in the epoch: %d)",
         state["epoch"],
@@ -122,10 +127,13 @@ def lineage(resume_from: str | None) -> list[tuple[Checkpoint, dict]]:
     return found
 
 
-def save_and_report(engine, state: dict, metrics: dict, cfg: TrainConfig, export: bool = True):
+def save_and_report(
+    engine, state: dict, metrics: dict, cfg: TrainConfig, export: bool = True, table=None
+):
     """Every rank saves its DeepSpeed shard and a manifest of what it wrote (rank 0's
-    MANIFEST.json names the other ranks' parts: rec/artifacts.py); rank 0 adds the state and,
-    with `export`, the serving export (every rank joins its ZeRO-3 gather)."""
+    MANIFEST.json names the other ranks' parts: rec/artifacts.py); rank 0 adds the state (and
+    a SparseItemTable's optimizer state, `table`: the same on every rank) and, with `export`,
+    the serving export (every rank joins its ZeRO-3 gather)."""
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,6 +142,8 @@ def save_and_report(engine, state: dict, metrics: dict, cfg: TrainConfig, export
         weights = fp32_state_dict(engine, zero_stage, keep=rank == 0) if export else None
         if rank == 0:
             (Path(tmp) / "state.json").write_text(json.dumps(state))
+            if table is not None:
+                table.save(tmp)
         if rank == 0 and export:
             save_export(
                 engine.module, Path(tmp) / "export", extra={"metrics": metrics}, state_dict=weights

@@ -11,7 +11,8 @@ The pieces the loop calls live beside it, none of them Ray-bound except the chec
 rec/deepspeed_setup.py (engine), rec/schedule.py (LR), rec/data/batch.py (length-bucketed
 batches), rec/evaluation.py (validation), rec/train_metrics.py (throughput),
 rec/ray_checkpoints.py (save, report, restore), rec/resume.py (where a run is, mid-epoch
-resume), rec/fault_injection.py (test hook).
+resume), rec/sparse_table.py (`train.item_table`: the item rows row-sparse beside DeepSpeed),
+rec/fault_injection.py (test hook).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from rec.ray_dataset import (
 )
 from rec.recommender import build_recommender
 from rec.resume import after_epoch, batch_seed, checkpoint_due, epoch_rng, resume_batches
+from rec.sparse_table import dense_parameters, optimizer_step, resolve_item_table, sparse_item_table
 from rec.tracking import Tracker, TrackingTarget, run_params
 from rec.train_config import TrainConfig
 from rec.train_metrics import EpochMeter
@@ -139,11 +141,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.seed)
     tables = load_item_tables(spec.prepared_dir)
-    model = build_recommender(spec.model, tables)
-    if rank == 0:
-        log.info("%s | workers=%d", model_summary(model.model, model), world)
-    engine = deepspeed_engine(model, cfg, spec.steps_per_epoch)
-    state = restore(engine, cfg.resume_from)  # rec/resume.py: where the run is
+    engine, table = _engine(spec, tables, rank == 0, world)
+    state = restore(engine, cfg.resume_from, table)  # rec/resume.py: where the run is
     tracker = _tracker(spec, state) if rank == 0 else None
     train_shard, valid_shard = _shards(cfg)
     bucket = cfg.batch_size * cfg.length_buckets  # rows sorted by length together
@@ -162,14 +161,14 @@ def train_loop_per_worker(config: dict) -> None:
             batch = batch.to(engine.device)
             loss, logs = engine(batch)  # Recommender.forward = the multi-task loss
             engine.backward(loss)
-            engine.step()
+            took_step = optimizer_step(engine, table)  # DeepSpeed's, then the sparse table's
             state["epoch_batches"] = k + 1
             meter.update(batch, logs)
-            if engine.is_gradient_accumulation_boundary():
+            if took_step:
                 state["step"] += 1
                 ends = last or _at_max_steps(cfg, state)
                 if checkpoint_due(state["step"], cfg.checkpoint_every_steps, ends):
-                    _save_mid_epoch(engine, state, cfg)
+                    _save_mid_epoch(engine, state, cfg, table)
             maybe_inject_failure(cfg.inject_failure_at_step, rank, state["step"], spec.storage_dir)
             if _at_max_steps(cfg, state):
                 break
@@ -179,7 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
         state["history"] = [*state["history"], metrics]  # saved with the checkpoint
         patience = cfg.early_stop_patience
         stop = done or (patience is not None and state["bad_evals"] > patience)
-        save_and_report(engine, state, metrics, cfg)
+        save_and_report(engine, state, metrics, cfg, table=table)
         if rank == 0:
             log.info("%s", json.dumps(_rounded(metrics)))
         if tracker:
@@ -188,6 +187,18 @@ def train_loop_per_worker(config: dict) -> None:
             break
     if tracker:
         tracker.close()
+
+
+def _engine(spec: TrainSpec, tables: ItemTables, chief: bool, world: int) -> tuple:
+    """The recommender in its DeepSpeed engine, and its item table trained row-sparse beside
+    it (`train.item_table`: rec/sparse_table.py), or None where DeepSpeed trains it too."""
+    cfg = spec.train
+    model = build_recommender(spec.model, tables)
+    table = sparse_item_table(model, cfg, spec.steps_per_epoch)
+    if chief:
+        log.info("%s | workers=%d | item table %s", model_summary(model.model, model), world,
+                 "sparse" if table else "dense")  # fmt: skip
+    return deepspeed_engine(model, cfg, spec.steps_per_epoch, dense_parameters(model, table)), table
 
 
 def _epoch_metrics(
@@ -211,13 +222,13 @@ def _tracker(spec: TrainSpec, state: dict) -> Tracker | None:
     return Tracker(spec.train.tracking, spec.tracking, run_params(spec.model, spec.train), state)
 
 
-def _save_mid_epoch(engine, state: dict, cfg: TrainConfig) -> None:
+def _save_mid_epoch(engine, state: dict, cfg: TrainConfig, table) -> None:
     """A checkpoint to resume from, never to serve: no export, and a score of -inf. Ray
     Train's CheckpointConfig keeps the top 3 by SCORE plus the latest, so it stays only while
     it is the latest or fewer than 3 validated ones exist, and best-checkpoint picks never
     take it. (Without the key Ray would log an error for each and score it -inf anyway.)"""
     metrics = {k: state[k] for k in ("epoch", "step", "epoch_batches")} | {SCORE: float("-inf")}
-    save_and_report(engine, state, metrics, cfg, export=False)
+    save_and_report(engine, state, metrics, cfg, export=False, table=table)
 
 
 def _at_max_steps(cfg: TrainConfig, state: dict) -> bool:
@@ -290,6 +301,8 @@ def describe(spec: TrainSpec, tables: ItemTables) -> dict:
         model = build_recommender(spec.model, tables)
     return {
         "parameters": count_parameters(model),
+        # ConfigError here (in the driver) for a train.item_table=sparse that cannot work
+        "item_table": resolve_item_table(spec.train, model.interest_loss),
         "model": asdict(spec.model),
         "train": asdict(spec.train),
     }

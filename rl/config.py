@@ -133,6 +133,9 @@ class SessionConfig:
     # Beauty's simulated sessions revisit 0.17 of the time against 0.12 logged, Taobao's 0.05
     # against 0.16: what the realism classifier read from their category diversity.
     revisit_weight: float = 0.0
+    # sd of a per-session normal offset on the leaving logit (session-level engagement:
+    # some sittings are long, some one event; fitted to the spread of log session lengths)
+    leave_spread: float = 0.0
 
 
 @dataclass
@@ -226,6 +229,7 @@ def _check_user_model(cfg: EnvConfig) -> None:
         "types.preference_explorer": cfg.types.preference_explorer,
         "session.w_click": cfg.session.w_click,
         "session.w_exp": cfg.session.w_exp,
+        "session.leave_spread": cfg.session.leave_spread,
         "session.preference": cfg.session.preference,
     }
     for name, value in nonneg.items():

@@ -217,7 +217,23 @@ def ladder(
         out["ppo_share_of_context_ceiling"] = (
             out["ppo"]["gain"] / ceiling if ceiling > 0 else float("nan")
         )
+        out["target_80pct"] = _target(out)
     return out
+
+
+def _target(out: dict) -> dict:
+    """The issue's target in words: where the context ceiling beats the best fixed lam with a
+    CI above 0, PPO must get >= 80 % of that gain; elsewhere there is nothing to capture."""
+    if not out["context_ceiling_beats_best_fixed"]:
+        return {
+            "testable": False,
+            "met": None,
+            "why": "the context ceiling is not above the best fixed lam with a CI above 0 in "
+            "this world: no per-request lam can beat the best constant, so there is no gain "
+            "for PPO to capture",
+        }
+    share = out["ppo_share_of_context_ceiling"]
+    return {"testable": True, "met": bool(share >= 0.8), "ppo_share": share}
 
 
 def _head(r: ArmResult, n: int) -> ArmResult:

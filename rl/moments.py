@@ -9,8 +9,8 @@ Why: with only the EM fit (rl/session_fit.py) a classifier told simulated from l
 with AUC 0.97 on Beauty, mostly from the popularity of clicked items (the ranker's top slots
 are popular items, clicked by every simulated user alike: consumed-item Gini 0.52 vs 0.20) and
 from too few category repeats (the intent's stickiness logit(stay_I) is spread over a slate
-holding few items of the last category). Four parameters are set so that simulated sessions
-of the fit users (lam = 0, the logging-like policy, assumed) reproduce four moments of the
+holding few items of the last category). Five parameters are set so that simulated sessions
+of the fit users (lam = 0, the logging-like policy, assumed) reproduce five moments of the
 same users' logged sessions, each monotone in its parameter, by coordinate bisection with
 common random numbers:
   - mean standardised log popularity of consumed items <- session.popularity_weight (the
@@ -20,9 +20,12 @@ common random numbers:
   - P(next event returns to a category of the session other than the last one) <-
     session.revisit_weight (added in session 8: with the other three matched, the classifier
     still told Beauty's sessions apart by their category diversity, AUC 0.656);
+  - sd of log(events per session) <- session.leave_spread (added in session 9: with one
+    leaving hazard for every session, MovieLens's simulated sittings were all alike, its
+    logged ones one event to hundreds; a classifier told them apart at AUC 0.96);
   - events per session           <- session.leave_intercept   (decreasing in it).
 A fitted popularity_weight < 0 says the logging policy (unknown) surfaced less popular items
-than the trained ranker's top slots do; the three are only as good as the lam = 0 assumption.
+than the trained ranker's top slots do; all five are only as good as the lam = 0 assumption.
 Sessions are compared under the log's own selection: where the log is a k-core of whole
 sequences (timestamps are positions), sessions shorter than the fit users' shortest logged one
 leave no trace (`min_events`; rl.realism applies the same selection).
@@ -41,13 +44,15 @@ BOUNDS = {  # (low, high, sign of d moment / d parameter); leaving last, so leng
     "popularity_weight": (-8.0, 3.0, 1.0),
     "stick_offset": (-3.0, 9.0, 1.0),
     "revisit_weight": (-6.0, 6.0, 1.0),
-    "leave_intercept": (-8.0, 3.0, -1.0),
+    "leave_spread": (0.0, 4.0, 1.0),
+    "leave_intercept": (-8.0, 8.0, -1.0),  # high with a spread: only long sittings stay
 }
 MOMENT_OF = {
     "leave_intercept": "events_per_session",
     "popularity_weight": "log_popularity",
     "stick_offset": "repeat_rate",
     "revisit_weight": "revisit_rate",
+    "leave_spread": "log_length_sd",
 }
 
 
@@ -72,7 +77,7 @@ def standardise(lp: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 
 def session_moments(sessions, pops: list[np.ndarray], min_events: int = 1) -> dict:
-    """rl.realism.Sessions and each session's (L,) item popularity -> the four moments over
+    """rl.realism.Sessions and each session's (L,) item popularity -> the five moments over
     sessions with >= min_events events."""
     keep = [i for i, c in enumerate(sessions.cats) if len(c) >= max(min_events, 1)]
     if not keep:
@@ -81,15 +86,18 @@ def session_moments(sessions, pops: list[np.ndarray], min_events: int = 1) -> di
             "log_popularity": float("nan"),
             "repeat_rate": 0.0,
             "revisit_rate": 0.0,
+            "log_length_sd": 0.0,
         }
     pop = np.concatenate([pops[i] for i in keep])
     flat = np.concatenate([sessions.cats[i][1:] == sessions.cats[i][:-1] for i in keep])
     back = np.concatenate([revisits(sessions.cats[i]) for i in keep])
+    log_len = np.log([len(sessions.cats[i]) for i in keep])
     return {
         "events_per_session": float(len(pop) / len(keep)),
         "log_popularity": float(pop.mean()),
         "repeat_rate": float(flat.mean()) if len(flat) else 0.0,
         "revisit_rate": float(back.mean()) if len(back) else 0.0,
+        "log_length_sd": float(log_len.std()),
         "sessions": len(keep),
     }
 
@@ -129,6 +137,16 @@ def min_logged_events(log: SequenceLog, users: np.ndarray) -> int:
 
     lengths = [len(c) for c in log_sessions(log, users).cats]
     return int(min(lengths)) if lengths else 1
+
+
+def log_horizon(log: SequenceLog, users: np.ndarray, quantile: float = 0.9) -> int:
+    """Slates a simulated session may last so the horizon does not cut the sessions the log
+    shows: the `quantile` of `users`' logged session lengths in events (a slate gives at
+    least one click while a session goes on, so this many slates hold that many events)."""
+    from rl.realism import log_sessions
+
+    lengths = [len(c) for c in log_sessions(log, users).cats]
+    return int(np.ceil(np.quantile(lengths, quantile))) if lengths else 1
 
 
 def simulate_moments(

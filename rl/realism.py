@@ -19,7 +19,7 @@ Wilson intervals; the KS statistic of session lengths; per-user category entropy
 the categories of a user's events over log(min(events, categories))), its KS statistic and
 means; the popularity Gini of consumed items on equal-size samples; and the cross-validated
 AUC of a logistic regression telling real from simulated sessions from sequence features
-(balanced classes; 0.5 = indistinguishable).
+(balanced classes; 0.5 = indistinguishable), also without the popularity features.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ FEATURES = (
     "mean_log_popularity",
     "sd_log_popularity",
 )
+
+SEQ = [i for i, f in enumerate(FEATURES) if "popularity" not in f]  # sequence-shape features
 
 
 @dataclass
@@ -276,6 +278,9 @@ def realism_metrics(real: Sessions, sim: Sessions, log_pop: np.ndarray, seed: in
             "simulated": popularity_gini(sim, n_ev, rng),
         },
         "classifier_auc": classifier_auc(f_real, f_sim, seed),
+        # the same without the popularity features: how far the session shape alone gives the
+        # simulator away (the popularity of what is consumed also depends on the candidates)
+        "classifier_auc_sequence_only": classifier_auc(f_real[:, SEQ], f_sim[:, SEQ], seed),
         # standardised weights of a fit on all sessions: what gives the simulator away
         "classifier_weights": dict(zip(FEATURES, _weights(f_real, f_sim), strict=True)),
         "auc_target": 0.65,

@@ -17,8 +17,11 @@ fitted by `rl.session_fit` (which says, per field, fitted from what or assumed).
    click: s_c += w_click * (the item's share of c); a click in a new category ends the run and
    the intent switches with P = switch_I; another click follows with P = continue_prob;
 3. recovery: s <- delta * s;
-4. leaving: P = sigmoid(leave_intercept + leave_streak * no-click streak + leave_concentration
-   * (share of the slate's modal category) + leave_utility * the best slot's utility).
+4. leaving: P = sigmoid(leave_intercept + e + leave_streak * no-click streak +
+   leave_concentration * (share of the slate's modal category) + leave_utility * the best
+   slot's utility), e ~ N(0, leave_spread^2) drawn once per session (how engaged this sitting
+   is: without it every session ends at one hazard and lengths are too alike, e.g. MovieLens,
+   where one sitting rates one film and the next two hundred).
 """
 
 from __future__ import annotations
@@ -79,13 +82,16 @@ class SessionUser:
         self.visited = np.zeros(self.n_categories + 1, dtype=bool)
         draw = (rng or self._rng).random()
         self.intent = FOCUSED if draw < c.focused_share else BROWSING
-        self.leave_prob = sigmoid(c.leave_intercept)
+        # drawn only with a spread, after the intent, so spread 0 keeps every random stream
+        spread = c.leave_spread * (rng or self._rng).standard_normal() if c.leave_spread else 0.0
+        self.leave_base = c.leave_intercept + spread
+        self.leave_prob = sigmoid(self.leave_base)
 
     def leave_probability(self, unsatisfied: int | None = None) -> float:
         """P(leave) after the last slate (given a streak: the streak term alone changed)."""
         if unsatisfied is None:
             return self.leave_prob
-        return sigmoid(self.cfg.leave_intercept + self.cfg.leave_streak * unsatisfied)
+        return sigmoid(self.leave_base + self.cfg.leave_streak * unsatisfied)
 
     def respond(
         self,
@@ -107,7 +113,7 @@ class SessionUser:
         self._recover(bool(clicks.any()))
         share = float(np.bincount(cats.max(1), minlength=1).max()) / len(cats)
         z = (
-            c.leave_intercept
+            self.leave_base
             + c.leave_streak * self.unsatisfied
             + c.leave_concentration * share
             + c.leave_utility * best

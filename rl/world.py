@@ -72,7 +72,7 @@ class WorldConfig:
     # Simulated sessions (lam = 0, held-out users) behind realism.json; 0 skips the report.
     realism_episodes: int = 2000
     # Episodes per bisection step when the session model's moments are fitted (rl/moments.py),
-    # and coordinate rounds over its three parameters.
+    # and coordinate rounds over its parameters (rl/moments.py BOUNDS).
     fit_episodes: int = 300
     fit_rounds: int = 2
 

@@ -95,6 +95,10 @@ class ServeConfig:
     # within proxy_retry_wait_s (no live replica yet) is dropped; then 503 + Retry-After.
     proxy_retries: int = 2
     proxy_retry_wait_s: float = 2.0
+    # The first try's own limit: one not answering by then (Ray's router can lose a request
+    # whose replica died as it was sent) is cancelled and replayed; long enough to wait for a
+    # replacement replica (17-30 s here).
+    proxy_first_wait_s: float = 20.0
     # Requests one ingress replica runs at once; more get 503 + Retry-After from the replica
     # before any work (serve/http.py Admission). 0: off (then only Serve's limits apply).
     max_running: int = 0
@@ -119,10 +123,11 @@ class ServeConfig:
         if self.batch_max_size < 1 or self.batch_wait_s < 0:
             raise ValueError("serve.batch_max_size must be >= 1 and serve.batch_wait_s >= 0")
         counts = (self.replicas, self.stage_retries, self.max_running, self.proxy_retries)
-        if min(counts) < 0 or not (self.retry_after_s >= 0 and self.proxy_retry_wait_s > 0):
+        waits = (self.proxy_retry_wait_s, self.proxy_first_wait_s)
+        if min(counts) < 0 or not (self.retry_after_s >= 0 and min(waits) > 0):
             raise ValueError(
                 "serve.replicas, serve.stage_retries, serve.max_running, serve.proxy_retries, "
-                "serve.retry_after_s: >= 0; serve.proxy_retry_wait_s: > 0"
+                "serve.retry_after_s: >= 0; serve.proxy_retry_wait_s, proxy_first_wait_s: > 0"
             )
         if self.relevance_weight < 0:
             raise ValueError(f"serve.relevance_weight must be >= 0, got {self.relevance_weight!r}")

@@ -15,7 +15,11 @@ actor inherits.
 what it sends: if it finished without starting a response (Ray's 500 path: the replica died),
 the request is replayed -- the router has by then dropped the dead replica, so it goes to
 another one, or waits for the replacement. A replay that has not started its answer within
-`wait_s` is cancelled; after `retries` replays the client gets 503 + Retry-After. Only
+`wait_s` is cancelled; after `retries` replays the client gets 503 + Retry-After. The first
+try gets `first_wait_s` (long: it may legitimately wait for a replacement replica): Ray 2.60's
+router can hold a request whose replica died as it was sent and never route it again (seen in
+tests/test_serve_http.py's kill test: 60 s, until the client gave up, while the other replica
+served the other client), so a first try not started by then is cancelled and replayed. Only
 idempotent requests are replayed: GET and HEAD, and POST to a path ending in one of
 POST_SUFFIXES (a recommendation changes nothing on the server). Pure ASGI: no Ray import.
 """
@@ -35,10 +39,11 @@ CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "serve.proxy_retry:middlewares"
 # Settings travel to the proxy process as environment variables (Ray calls `middlewares` with
 # no arguments): replays, seconds a replay may wait for its answer to start, Retry-After.
-RETRIES_ENV, WAIT_ENV, RETRY_AFTER_ENV = (
+RETRIES_ENV, WAIT_ENV, RETRY_AFTER_ENV, FIRST_WAIT_ENV = (
     "RAYDIV_PROXY_RETRIES",
     "RAYDIV_PROXY_RETRY_WAIT_S",
     "RAYDIV_PROXY_RETRY_AFTER_S",
+    "RAYDIV_PROXY_FIRST_WAIT_S",
 )
 POST_SUFFIXES = ("/recommend",)
 MAX_BODY = 1 << 20  # larger bodies pass through unbuffered (the ingress answers 413 anyway)
@@ -51,13 +56,16 @@ ASGIApp = Callable[[dict, Receive, Send], Awaitable[None]]
 log = get_logger("serve")
 
 
-def controller_env(retries: int, wait_s: float, retry_after_s: float) -> dict[str, str]:
+def controller_env(
+    retries: int, wait_s: float, retry_after_s: float, first_wait_s: float = 20.0
+) -> dict[str, str]:
     """The env_vars for `serve.start(controller_options={"runtime_env": {"env_vars": ...}})`."""
     return {
         CALLBACK_ENV: CALLBACK,
         RETRIES_ENV: str(retries),
         WAIT_ENV: str(wait_s),
         RETRY_AFTER_ENV: str(retry_after_s),
+        FIRST_WAIT_ENV: str(first_wait_s),
     }
 
 
@@ -71,6 +79,7 @@ def middlewares() -> list:
             retries=int(os.environ.get(RETRIES_ENV, "2")),
             wait_s=float(os.environ.get(WAIT_ENV, "2.0")),
             retry_after_s=float(os.environ.get(RETRY_AFTER_ENV, "1.0")),
+            first_wait_s=float(os.environ.get(FIRST_WAIT_ENV, "20.0")),
         )
     ]
 
@@ -79,9 +88,14 @@ class RetryUnanswered:
     """ASGI middleware: replay an idempotent request that got no response start (module doc)."""
 
     def __init__(
-        self, app: ASGIApp, retries: int = 2, wait_s: float = 2.0, retry_after_s: float = 1.0
+        self,
+        app: ASGIApp,
+        retries: int = 2,
+        wait_s: float = 2.0,
+        retry_after_s: float = 1.0,
+        first_wait_s: float = 20.0,
     ) -> None:
-        self.app, self.retries, self.wait_s = app, retries, wait_s
+        self.app, self.retries, self.wait_s, self.first_wait_s = app, retries, wait_s, first_wait_s
         self.retry_after = str(max(0, math.ceil(retry_after_s)))  # as Ray writes it
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -93,8 +107,11 @@ class RetryUnanswered:
             await self.app(scope, _replay(body, receive), send)
             return
         for attempt in range(self.retries + 1):
-            wait = None if attempt == 0 else self.wait_s  # the first try may take its time
-            if await self._attempt(scope, _replay(body, receive), send, wait):
+            receive_body = _replay(body, receive)
+            if attempt == 0:  # the first try may take its time, within first_wait_s
+                if await self._first(scope, receive_body, send):
+                    return
+            elif await self._attempt(scope, receive_body, send, self.wait_s):
                 return
             log.warning(
                 "%s %s: no answer from the ingress replica (attempt %d of %d)",
@@ -102,28 +119,39 @@ class RetryUnanswered:
             )  # fmt: skip
         await _send_503(send, self.retry_after)
 
-    async def _attempt(self, scope: dict, receive: Receive, send: Send, wait: float | None) -> bool:
-        """Run the app once; True once it started a response (then it runs to the end)."""
-        started, closed = asyncio.Event(), False
+    async def _first(self, scope: dict, receive: Receive, send: Send) -> bool:
+        """The first try, run in this task (no new task per request: the common path) under a
+        timer that cancels it if no answer started within first_wait_s. True once it started."""
+        started, state = asyncio.Event(), {"expired": False}
+        tracked = _tracked(send, started, state)
+        me = asyncio.current_task()
 
-        async def tracked(message: Message) -> None:
-            if closed:
-                return
-            if message["type"] == "http.response.start":
-                started.set()
+        def expire() -> None:
+            if not started.is_set():
+                state["expired"] = True  # late messages of this try are dropped from now on
+                me.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.first_wait_s, expire)
+        try:
+            await self.app(_fresh(scope), receive, tracked)
+        except asyncio.CancelledError:
+            if not state["expired"]:
+                raise  # cancelled from outside (client gone)
+        except Exception:
             if started.is_set():
-                await send(message)
+                raise  # after the answer started: nothing to replay
+        finally:
+            timer.cancel()
+            if state["expired"]:
+                me.uncancel()  # our own cancel, consumed here: the replay runs on
+        return started.is_set()
 
-        # A fresh scope per attempt: Ray's request-id middleware appends a header in place.
-        fresh = {**scope, "headers": list(scope["headers"])}
-        if wait is None:  # no deadline: run it here (no task; the common, first try)
-            try:
-                await self.app(fresh, receive, tracked)
-            except Exception:
-                if started.is_set():
-                    raise  # after the answer started: nothing to replay
-            return started.is_set()
-        task = asyncio.ensure_future(self.app(fresh, receive, tracked))
+    async def _attempt(self, scope: dict, receive: Receive, send: Send, wait: float) -> bool:
+        """Run the app once as a task; True once it started a response (then it runs to the
+        end); False when it finished or `wait` passed without one."""
+        started, state = asyncio.Event(), {"expired": False}
+        tracked = _tracked(send, started, state)
+        task = asyncio.ensure_future(self.app(_fresh(scope), receive, tracked))
         waiter = asyncio.ensure_future(started.wait())
         try:
             await asyncio.wait({task, waiter}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
@@ -136,11 +164,30 @@ class RetryUnanswered:
         finally:
             waiter.cancel()
         task.cancel()  # a replay still waiting for a replica: give up on it (no-op if done)
-        closed = True  # nothing the abandoned attempt sends from now on reaches the client
+        state["expired"] = True  # nothing the abandoned attempt sends now reaches the client
         await asyncio.wait({task})
         if not task.cancelled():
             task.exception()  # the failed attempt's own error: retrieved, replaced by a retry
         return False
+
+
+def _tracked(send: Send, started: asyncio.Event, state: dict) -> Send:
+    """`send` that passes messages on from the response start, until the attempt expired."""
+
+    async def tracked(message: Message) -> None:
+        if state["expired"]:
+            return
+        if message["type"] == "http.response.start":
+            started.set()
+        if started.is_set():
+            await send(message)
+
+    return tracked
+
+
+def _fresh(scope: dict) -> dict:
+    """A fresh scope per attempt: Ray's request-id middleware appends a header in place."""
+    return {**scope, "headers": list(scope["headers"])}
 
 
 def _idempotent(scope: dict) -> bool:

@@ -73,6 +73,7 @@ def test_ladder_is_flat_where_lam_changes_nothing():
     assert set(lad["ppo"]["per_seed"]) == {"0", "1"} and lad["ppo"]["seeds"] == 2
     assert not lad["ppo"]["any_seed_worse_than_best_fixed"]
     assert np.isnan(lad["ppo_share_of_context_ceiling"])  # no ceiling above best fixed
+    assert lad["target_80pct"]["testable"] is False and lad["target_80pct"]["met"] is None
 
 
 def test_sensitivity_table_keeps_the_identified_product_and_writes_json_and_markdown(tmp_path):

@@ -194,6 +194,31 @@ def test_freq_mix_is_a_causal_window_mean_and_off_by_default() -> None:
         ModelConfig(freq_mix=1.5)
 
 
+def test_residual_dropout_drops_sublayer_outputs_in_training_only() -> None:
+    assert tiny_recommender().model.residual_dropout is None  # default: Llama's own behaviour
+    batch = make_batch(random_sequences(4), max_len=12)
+    # dropout=0: the input and attention-probability dropouts are off, so any randomness in
+    # training mode comes from the residual hooks.
+    rec = tiny_recommender(residual_dropout=0.5, dropout=0.0)
+    plain = tiny_recommender(residual_dropout=0.0, dropout=0.0)
+    plain.load_state_dict(rec.state_dict())  # same weights, same names: still a plain Llama
+    rec.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rec.model(batch), plain.model(batch))  # eval: identity
+    rec.train(), plain.train()
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append((rec.model(batch), plain.model(batch)))
+    torch.testing.assert_close(runs[0][1], runs[1][1])  # no hooks: deterministic
+    assert not torch.allclose(runs[0][0], runs[1][0])  # hooks: sub-layer outputs dropped
+    total, _ = rec.loss(batch)
+    total.backward()  # still one graph: every backbone weight gets a gradient
+    assert all(p.grad is not None for p in rec.model.backbone.parameters())
+    with pytest.raises(ValueError, match="residual_dropout"):
+        ModelConfig(residual_dropout=1.0)
+
+
 def test_item_table_padding_row_is_zero() -> None:
     rec = tiny_recommender()
     table = rec.model.item_embeddings()

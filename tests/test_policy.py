@@ -185,7 +185,10 @@ def test_session_model_fitted_on_training_users_and_realism(model_dir, tmp_path)
     assert env.user_model == "session" and model["fit_users"]["count"] == len(train)
     assert model["provenance"]["stay_focused"]["source"] == "fitted"
     assert model["provenance"]["leave_intercept"]["value"] == env.session.leave_intercept
-    assert -8 < env.session.leave_intercept < 3
+    assert -8 < env.session.leave_intercept < 8  # inside rl.moments.BOUNDS
+    assert model["provenance"]["leave_spread"]["source"] == "fitted"
+    # the horizon covers the log's sittings (never shorter than configured)
+    assert model["horizon"]["env.max_steps"] == env.max_steps >= EnvConfig().max_steps
     json.dumps(model)  # world.json
     report = realism_report(world, data, env, held, episodes=40, seed=0)
     assert report["sessions"]["real"] > 0 and 0.0 <= report["classifier_auc"] <= 1.0

@@ -1,5 +1,6 @@
 """Large-catalogue training paths at small sizes (issue 13.3): the shared-negative repeat
-lookup, the row-sparse item table, the benchmark's Taobao-shaped rows and the MFU count."""
+lookup, the row-sparse item table (rec/sparse_table.py: train.item_table), the benchmark's
+Taobao-shaped rows and the MFU count."""
 
 from __future__ import annotations
 
@@ -13,9 +14,19 @@ import torch.multiprocessing as mp
 
 from bench.gpu_report import _sampled_negatives, flops_per_token
 from bench.gpu_taobao import overrides
-from bench.scale_sparse import SparseItemTable, all_reduce_rows
 from bench.scale_train import build_model, rows_batch, scale_configs, sequences
+from rec.config_loader import ConfigError
 from rec.heads import in_history, in_history_shared
+from rec.schedule import lr_lambda
+from rec.sparse_table import (
+    SparseItemTable,
+    all_reduce_rows,
+    check_resume,
+    dense_parameters,
+    resolve_item_table,
+    sparse_item_table,
+)
+from rec.train_config import DeepSpeedConfig, TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,12 +82,14 @@ def test_auto_loss_is_sampled_from_the_threshold() -> None:
 
 
 def test_sparse_item_table_updates_only_touched_rows() -> None:
-    model_cfg, _ = scale_configs(["model.sampled_above_items=100", "model.n_negatives=16"])
+    model_cfg, train_cfg = scale_configs(["model.sampled_above_items=100", "model.n_negatives=16"])
     torch.manual_seed(0)
     model = build_model(model_cfg, 400)
-    table = SparseItemTable(model, lr=0.01)
-    dense = torch.optim.AdamW(table.dense_parameters(), lr=0.01)
-    assert all(p is not table.param for p in table.dense_parameters())
+    table = sparse_item_table(model, train_cfg, steps_per_epoch=10)  # item_table auto: sparse
+    assert table is not None and table.param is model.model.item_emb.weight
+    dense = torch.optim.AdamW(dense_parameters(model, table), lr=0.01)
+    assert all(p is not table.param for p in dense_parameters(model, table))
+    assert len(dense_parameters(model, table)) == len(list(model.parameters())) - 1
     before = table.param.detach().clone()
     batch = rows_batch(sequences(400, 8, max_len=10, seed=1), seed=1)
     loss, _ = model.loss(batch)
@@ -89,6 +102,106 @@ def test_sparse_item_table_updates_only_touched_rows() -> None:
     assert table.param.grad is None
     assert set(changed.tolist()) == set(touched.tolist()) - {0}  # padding row stays zero
     assert len(changed) < 400
+
+
+def test_item_table_resolves_by_interest_loss_and_refuses_what_cannot_work() -> None:
+    auto, sparse = TrainConfig(), TrainConfig(item_table="sparse")
+    assert auto.item_table == "auto"
+    assert resolve_item_table(auto, "sampled") == "sparse"
+    assert resolve_item_table(auto, "full") == "dense"  # full softmax touches every row
+    assert resolve_item_table(TrainConfig(item_table="dense"), "sampled") == "dense"
+    assert resolve_item_table(sparse, "sampled") == "sparse"
+    with pytest.raises(ConfigError, match="train.item_table=sparse needs the sampled"):
+        resolve_item_table(sparse, "full")
+    bf16 = TrainConfig()
+    bf16.deepspeed.precision = "bf16"
+    assert resolve_item_table(bf16, "sampled") == "dense"  # auto falls back
+    with pytest.raises(ValueError, match="zero_stage 1 or 2, got 3"):
+        TrainConfig(item_table="sparse", deepspeed=DeepSpeedConfig(zero_stage=3))
+    with pytest.raises(ValueError, match="must be dense, sparse or auto"):
+        TrainConfig(item_table="rows")
+
+
+def _touch_all(emb: torch.nn.Embedding, step: int) -> torch.Tensor:
+    """A loss whose gradient reaches every row of `emb`, different at every step."""
+    gen = torch.Generator().manual_seed(step)
+    idx = torch.cat([torch.arange(emb.num_embeddings), torch.randint(0, 6, (5,), generator=gen)])
+    return (emb(idx) * torch.randn(len(idx), emb.embedding_dim, generator=gen)).sum()
+
+
+def test_sparse_rows_touched_every_step_get_dense_adams_update() -> None:
+    """SparseAdam under the job's LR schedule (warm-up then cosine) equals torch's dense Adam
+    under the same schedule on rows touched at every step."""
+    cfg = TrainConfig(lr=0.05, warmup_steps=3, lr_schedule="cosine", epochs=2)
+    torch.manual_seed(0)
+    sparse_emb = torch.nn.Embedding(6, 4)
+    dense_emb = torch.nn.Embedding(6, 4)
+    dense_emb.load_state_dict(sparse_emb.state_dict())
+    table = SparseItemTable(sparse_emb, cfg, steps_per_epoch=4)
+    adam = torch.optim.Adam(dense_emb.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(adam, lr_lambda(cfg, 4))
+    for step in range(8):
+        _touch_all(sparse_emb, step).backward()
+        assert sparse_emb.weight.grad.is_sparse
+        table.step()
+        _touch_all(dense_emb, step).backward()
+        adam.step()
+        adam.zero_grad()
+        sched.step()
+        assert table.opt.param_groups[0]["lr"] == pytest.approx(adam.param_groups[0]["lr"])
+    assert adam.param_groups[0]["lr"] < cfg.lr  # the cosine did decay
+    torch.testing.assert_close(sparse_emb.weight, dense_emb.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_table_state_round_trips_through_a_checkpoint(tmp_path) -> None:
+    """3 steps, save, a fresh table loaded at step 3, 3 more: the weights equal 6 steps in
+    one go (moments, step count and LR schedule restored); without the saved state the
+    moments restart and the weights differ."""
+    cfg = TrainConfig(lr=0.05, warmup_steps=2, lr_schedule="cosine", epochs=2)
+
+    def train(emb, table, steps) -> None:
+        for step in steps:
+            gen = torch.Generator().manual_seed(step)
+            idx = torch.randint(0, 6, (4,), generator=gen)  # some rows untouched: lazy Adam
+            (emb(idx) * torch.randn(4, 3, generator=gen)).sum().backward()
+            table.step()
+
+    torch.manual_seed(0)
+    straight = torch.nn.Embedding(6, 3)
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    train(straight, SparseItemTable(straight, cfg, 3), range(6))
+
+    first = torch.nn.Embedding(6, 3)
+    first.load_state_dict(init)
+    table = SparseItemTable(first, cfg, 3)
+    train(first, table, range(3))
+    table.save(tmp_path)
+    for saved in (tmp_path, tmp_path / "none"):  # the checkpoint, then one without the file
+        resumed = torch.nn.Embedding(6, 3)
+        resumed.load_state_dict(first.state_dict())
+        again = SparseItemTable(resumed, cfg, 3)
+        again.load(saved, step=3)
+        assert again.opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_lambda(cfg, 3)(3))
+        train(resumed, again, range(3, 6))
+        same = torch.equal(resumed.weight, straight.weight)
+        assert same == (saved == tmp_path), saved
+
+
+def test_resume_needs_the_item_table_the_checkpoint_was_trained_with(tmp_path) -> None:
+    dense_ckpt, sparse_ckpt = tmp_path / "dense", tmp_path / "sparse"
+    dense_ckpt.mkdir()
+    emb = torch.nn.Embedding(4, 2)
+    table = SparseItemTable(emb, TrainConfig(), steps_per_epoch=2)
+    emb(torch.tensor([1, 2])).sum().backward()
+    table.step()
+    sparse_ckpt.mkdir()
+    table.save(sparse_ckpt)
+    check_resume(str(dense_ckpt), "dense")
+    check_resume(str(sparse_ckpt), "sparse")
+    with pytest.raises(ConfigError, match="set train.item_table=sparse"):
+        check_resume(str(sparse_ckpt), "dense")
+    with pytest.raises(ConfigError, match="set train.item_table=dense"):
+        check_resume(str(dense_ckpt), "sparse")
 
 
 def _gather_rows(rank: int, path: str, out: dict) -> None:

@@ -35,9 +35,9 @@ pytestmark = pytest.mark.ray
 
 APP = "rec_http_test"
 STAGES = ("Retriever", "Ranker", "Policy")
-# Admission limits of the ingress (2 replicas): 2 x 2 running + 2 queued at the proxy; more
-# concurrent requests get 503 + Retry-After at once (test_overload_*).
-INGRESS_ONGOING, INGRESS_QUEUED = 2, 2
+# Admission limits of the ingress (2 replicas), those of serve/config.yaml: 2 x 2 running + 16
+# queued at the proxy; more concurrent requests get 503 + Retry-After at once (test_overload_*).
+INGRESS_ONGOING, INGRESS_QUEUED = 2, 16
 URL = ""  # set by the fixture (the port is chosen then)
 MODEL_DIR = ""  # the fixture's model directory
 
@@ -225,7 +225,7 @@ def test_schemathesis_finds_no_5xx(server, mode) -> None:
 
 
 def test_overload_is_shed_with_503_and_retry_after(server) -> None:
-    """Concurrency 64 against 2 ingress replicas x 2 running + 2 queued: the rest is 503 +
+    """Concurrency 64 against 2 ingress replicas x 2 running + 16 queued: the rest is 503 +
     Retry-After, nothing else, and the admitted requests' time inside the ingress stays near
     its unloaded value (the limits keep the replicas at their capacity).
 
@@ -305,10 +305,10 @@ def test_one_replica_of_every_deployment_killed_loses_no_request(server) -> None
     """Two replicas per deployment, one of each killed: a stage call that hit a killed replica
     is retried on the other one by the ingress; a request in flight on the killed ingress
     replica is replayed by the HTTP proxy (serve/proxy_retry.py; Ray alone answers it 500).
-    2 clients: what the one Ingress replica left takes with room (2 running + 2 queued):
-    measured {200: 482}. 4 clients resending at once measured {200: 583, 503: 588}, 3 {200:
-    512, 503: 25}: refused by that limit (Ray's router also refuses some requests below it
-    when they arrive together), never 500."""
+    2 clients: what the one Ingress replica left takes with room (2 running + 16 queued):
+    measured {200: 482} (2 queued), {200: 560} (16). With 2 queued, 4 clients resending at
+    once measured {200: 583, 503: 588}, 3 {200: 512, 503: 25}: refused by that limit (Ray's
+    router also refuses some requests below it when they arrive together), never 500."""
     catalog, _ = server
     victims = {dep: replica_actor_names(dep)[:1] for dep in ("Ingress", *STAGES)}
     assert all(victims.values()), victims

@@ -194,7 +194,9 @@ def test_proxy_replays_unanswered_idempotent_requests_then_503() -> None:
     replica dies (returns having sent nothing): the same body is replayed and its answer
     passed on once; a replay that does not start answering within wait_s is dropped (its late
     messages never reach the client) and, retries spent, the client gets 503 + Retry-After;
-    a non-idempotent route and a body over MAX_BODY are passed through untouched."""
+    a non-idempotent route and a body over MAX_BODY are passed through untouched; a first
+    try that never answers (a request Ray's router lost) is cancelled after first_wait_s and
+    replayed."""
     import asyncio
 
     from serve.proxy_retry import MAX_BODY, RetryUnanswered
@@ -209,7 +211,14 @@ def test_proxy_replays_unanswered_idempotent_requests_then_503() -> None:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-    def call(path: str, retries: int, headers=()) -> list[dict]:
+    async def losing(scope, receive, send):  # attempt 1 never answers (until cancelled)
+        bodies.append((await receive())["body"])
+        if len(bodies) == 1:
+            await asyncio.Event().wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def call(path: str, retries: int, headers=(), app=proxy) -> list[dict]:
         sent: list[dict] = []
         messages = [{"type": "http.request", "body": b'{"k": 3}', "more_body": False}]
 
@@ -221,9 +230,8 @@ def test_proxy_replays_unanswered_idempotent_requests_then_503() -> None:
 
         async def main() -> None:
             scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers)}
-            await RetryUnanswered(proxy, retries=retries, wait_s=0.1, retry_after_s=0.5)(
-                scope, receive, send
-            )
+            retry = RetryUnanswered(app, retries, wait_s=0.1, retry_after_s=0.5, first_wait_s=0.3)
+            await asyncio.wait_for(retry(scope, receive, send), 5.0)  # a lost try fails here
             await asyncio.sleep(0.6)  # the abandoned attempt wakes up: nothing more is sent
 
         run_sync(main())
@@ -241,6 +249,9 @@ def test_proxy_replays_unanswered_idempotent_requests_then_503() -> None:
     bodies.clear()
     big = [(b"content-length", str(MAX_BODY + 1).encode())]
     assert call("/recommend", retries=2, headers=big) == [] and len(bodies) == 1
+    bodies.clear()
+    sent = call("/recommend", retries=1, app=losing)  # the first try lost: replayed, answered
+    assert len(bodies) == 2 and [m.get("status") for m in sent] == [200, None]
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])

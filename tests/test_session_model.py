@@ -199,7 +199,10 @@ def test_simulated_moments_recover_planted_popularity_stickiness_revisits_and_le
     assert target["log_popularity"] < neutral["log_popularity"] - 0.1
     assert target["repeat_rate"] > neutral["repeat_rate"] + 0.05
     assert target["revisit_rate"] < neutral["revisit_rate"] - 0.05, (target, neutral)
-    fitted, out = fit_moments(data, base, rows, target, 1, episodes=300, iterations=6, seed=7)
+    names = ("popularity_weight", "stick_offset", "revisit_weight", "leave_intercept")
+    fitted, out = fit_moments(
+        data, base, rows, target, 1, episodes=300, iterations=6, seed=7, names=names
+    )
     got = out["simulated"]
     assert (
         abs(got["events_per_session"] - target["events_per_session"])
@@ -219,3 +222,27 @@ def test_revisits_known_answer():
     got = revisits(np.array([1, 1, 2, 1, 3, 2, 2]))
     np.testing.assert_array_equal(got, [False, False, True, False, True, False])
     assert revisits(np.array([4])).size == 0
+
+
+def test_leave_spread_widens_session_lengths_and_is_recovered():
+    """rl.moments: a per-session leaving offset (session.leave_spread) spreads session lengths;
+    fitting (leave_spread, leave_intercept) to the planted sessions' moments recovers the
+    spread and the sd of log lengths (session 9: MovieLens's sittings, one film or hundreds)."""
+    from rl.moments import fit_moments, simulate_moments
+
+    data = SimulatorData.synthetic(n_users=40, n_items=600, n_categories=10, seed=5)
+    base = EnvConfig(k=5, n_candidates=60, max_steps=40, user_model="session")
+    base = replace(base, session=replace(base.session, no_click=0.0, leave_intercept=-2.5))
+    planted = replace(base, session=replace(base.session, leave_spread=1.5, leave_intercept=-3.0))
+    rows = np.arange(20)
+    target = simulate_moments(data, planted, rows, 150, 3, 1)
+    flat = simulate_moments(data, base, rows, 150, 3, 1)
+    assert target["log_length_sd"] > flat["log_length_sd"] + 0.15, (target, flat)
+    names = ("leave_spread", "leave_intercept")
+    fitted, out = fit_moments(
+        data, base, rows, target, 1, episodes=150, iterations=6, seed=3, names=names
+    )
+    got = out["simulated"]
+    assert abs(got["log_length_sd"] - target["log_length_sd"]) < 0.08, (got, target)
+    assert abs(got["events_per_session"] / target["events_per_session"] - 1) < 0.15, got
+    assert 0.7 < fitted.leave_spread < 2.5, fitted
