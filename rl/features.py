@@ -149,16 +149,20 @@ class SessionRecord:
 
 
 def replay(
-    session: SessionRecord, item_categories: np.ndarray, cfg: EnvConfig
+    session: SessionRecord,
+    item_categories: np.ndarray,
+    cfg: EnvConfig,
+    n_categories: int | None = None,
 ) -> tuple[SessionTrace, SessionUser]:
     """The env's session state after `session`: its trace and the session user's satiation
-    and no-click streak (the hidden intent is not needed by the observation)."""
+    and no-click streak (the hidden intent is not needed by the observation). n_categories:
+    the catalogue's largest category index (None: scanned from item_categories)."""
     if cfg.user_model != "session":
         raise ValueError(
             f"a session can be replayed only under env.user_model='session' (this policy's is "
             f"{cfg.user_model!r}: its satiation is hidden per-user state)"
         )
-    n_cat = int(np.max(item_categories))
+    n_cat = catalogue_categories(item_categories, n_categories)
     user = SessionUser(n_cat, cfg.k, cfg.session, cfg.choice, np.zeros(1))
     trace = SessionTrace(n_cat + 1, cfg.entropy_window)
     for slate, clicked, lam in zip(session.slates, session.clicked, session.lams, strict=True):
@@ -182,12 +186,15 @@ def session_observation(
     cfg: EnvConfig,
     shown: np.ndarray | None = None,
     session: SessionRecord | None = None,
+    n_categories: int | None = None,
 ) -> np.ndarray:
     """history_items (L,) int64 item indices (0-padded ok), item_categories (n_items + 1, C),
     diversity_head in [0, 1], cand_scores (N,) the ranker's candidate scores (any order),
     shown (N,) bool aligned with them (True: shown this session and not recycled, so no longer
     a candidate), session: what was shown and clicked so far -> (12,) float32, the env's
-    observation at that step (`rl.env.OBS_FIELDS` layout)."""
+    observation at that step (`rl.env.OBS_FIELDS` layout). n_categories: the catalogue's
+    largest category index, computed once by a server (None: scanned here, a pass over the
+    whole catalogue)."""
     scores = np.asarray(cand_scores, dtype=np.float64)
     if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
         raise ValueError("cand_scores must be a non-empty 1-d array of finite scores")
@@ -202,14 +209,19 @@ def session_observation(
     hist = np.asarray(history_items, dtype=np.int64).reshape(1, -1)
     hist_entropy, _ = history_exploration(hist, item_categories)
     if session is not None and session.slates:
-        trace, user = replay(session, item_categories, cfg)
+        trace, user = replay(session, item_categories, cfg, n_categories)
     else:  # a session's start: what DiversityEnv.reset shows (any user model)
-        trace = SessionTrace(int(np.max(item_categories)) + 1, cfg.entropy_window)
-        user = _Fresh(int(np.max(item_categories)) + 1)
+        width = catalogue_categories(item_categories, n_categories) + 1
+        trace, user = SessionTrace(width, cfg.entropy_window), _Fresh(width)
     remaining = top[~gone[order]]  # (A,) descending
     return observation(
         trace, user, remaining, span, float(diversity_head), float(hist_entropy[0]), cfg
     )
+
+
+def catalogue_categories(item_categories: np.ndarray, n_categories: int | None) -> int:
+    """The largest category index of the catalogue (the env's satiation width - 1)."""
+    return int(np.max(item_categories)) if n_categories is None else int(n_categories)
 
 
 def normalised_entropy(mass: np.ndarray, entries: int) -> float:

@@ -94,8 +94,10 @@ def history_exploration(
     hist = np.asarray(history_items, dtype=np.int64)
     n_users = hist.shape[0]
     cats = item_categories[hist]  # (U, L, C)
-    weights = category_weights(item_categories)[hist]  # (U, L, C)
-    width = int(item_categories.max()) + 1
+    # Weights and key width from the gathered rows only (weights are row-wise): the whole
+    # catalogue's would cost n_items x C floats per call, and serving calls this per request.
+    weights = category_weights(cats.reshape(-1, cats.shape[-1])).reshape(cats.shape)
+    width = int(cats.max(initial=0)) + 1  # keys user * width + category stay unique and sorted
     users = np.broadcast_to(np.arange(n_users)[:, None, None], cats.shape)
     keys, inverse = np.unique((users * width + cats)[cats > 0], return_inverse=True)
     mass = np.bincount(inverse, weights=weights[cats > 0])  # (n_keys,) per (user, category)

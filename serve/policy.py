@@ -44,6 +44,8 @@ class PolicyScorer:
         self.policy = LamPolicy.load(policy_dir)
         self._observe = session_observation
         self.item_categories = item_categories
+        # Once per replica, not per request: a scan of the whole catalogue (4M rows at Taobao's).
+        self.n_categories = int(np.max(item_categories))
 
     def observations(
         self,
@@ -72,6 +74,7 @@ class PolicyScorer:
                 self.policy.env_cfg,
                 mask,
                 session,
+                self.n_categories,
             )
             for hist, r, mask, session in zip(histories, ranked, shown, sessions, strict=True)
         ]

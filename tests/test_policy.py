@@ -59,10 +59,12 @@ def test_served_session_observation_equals_the_env_at_every_step(small_world):
     for e in range(12):
         obs, info = env.reset(seed=e)
         u, record, shown, clicked_all, done = info["user"], SessionRecord(), [], [], False
+        # Odd episodes: the server's call, with the catalogue's category count computed once.
+        n_cat = int(d.item_categories.max()) if e % 2 else None
         while not done:
             got = session_observation(
                 d.history_items[u], d.item_categories, float(d.diversity_head[u]),
-                d.scores[u], cfg, np.isin(d.candidates[u], shown), record,
+                d.scores[u], cfg, np.isin(d.candidates[u], shown), record, n_cat,
             )  # fmt: skip
             np.testing.assert_array_equal(got, obs, err_msg=f"episode {e} step {len(shown)}")
             obs, _, te, tr, info = env.step(rng.integers(11))
