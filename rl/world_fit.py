@@ -66,8 +66,16 @@ def fit_user_model(
         episodes=cfg.fit_episodes, rounds=cfg.fit_rounds, seed=0, rerank_cfg=rerank_cfg,
     )  # fmt: skip
     fitted = replace(fitted, session=session)
-    out = fit.to_json()
-    out["session"] = asdict(fitted.session)
+    out = _describe(fit.to_json(), fitted, moments, min_events, env, len(log_users))
+    return fitted, {"user_model": "session"} | out
+
+
+def _describe(
+    out: dict, fitted: EnvConfig, moments: dict, min_events: int, env: EnvConfig, n_users: int
+) -> dict:
+    """world.json's description of a fitted session user: every parameter with its source."""
+    session = fitted.session
+    out["session"] = asdict(session)
     moment_src = "simulated moments of the fit users at lam = 0 (rl/moments.py): "
     for name, what in (
         ("leave_intercept", "events per session"),
@@ -89,17 +97,17 @@ def fit_user_model(
         else "sessions cut by time gaps: none",
     }
     out["horizon"] = {
-        "env.max_steps": horizon,
+        "env.max_steps": fitted.max_steps,
         "configured": env.max_steps,
         "from": "max(configured, 90th percentile of the fit users' logged session lengths)",
     }
-    out["fit_users"] = {"world_rows": "training users", "count": int(len(log_users))}
+    out["fit_users"] = {"world_rows": "training users", "count": int(n_users)}
     out["position_examination"] = {
         "choice.position_bias": env.choice.position_bias,
         "source": "assumed",
         "from": "no impressions: 1 / log2(pos + 2) examination (DCG's discount)",
     }
-    return fitted, {"user_model": "session"} | out
+    return out
 
 
 def realism_report(
