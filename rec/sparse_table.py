@@ -98,9 +98,14 @@ class SparseItemTable:
         """One optimizer step: the touched rows' gradients averaged over ranks (as DeepSpeed
         averages the dense ones), SparseAdam, the gradient cleared, the schedule advanced."""
         grad = self.param.grad
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        if grad is None and distributed:  # every rank joins the exchange, even with no rows
+            rows = torch.empty(1, 0, dtype=torch.long, device=self.param.device)
+            empty = self.param.new_zeros(0, self.param.shape[1])
+            grad = torch.sparse_coo_tensor(rows, empty, self.param.shape)
         if grad is not None:
             grad = grad.coalesce()
-            if dist.is_initialized() and dist.get_world_size() > 1:
+            if distributed:
                 grad = all_reduce_rows(grad) / dist.get_world_size()
             self.param.grad = grad
             self.opt.step()
