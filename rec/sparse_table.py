@@ -102,7 +102,7 @@ class SparseItemTable:
         if grad is None and distributed:  # every rank joins the exchange, even with no rows
             rows = torch.empty(1, 0, dtype=torch.long, device=self.param.device)
             empty = self.param.new_zeros(0, self.param.shape[1])
-            grad = torch.sparse_coo_tensor(rows, empty, self.param.shape)
+            grad = torch.sparse_coo_tensor(rows, empty, self.param.shape, check_invariants=True)
         if grad is not None:
             grad = grad.coalesce()
             if distributed:
