@@ -125,26 +125,8 @@ def prepare_streaming(cfg, out: str) -> dict:
     import polars as pl
 
     from rec.data import outputs, sequences
-    from rec.data.parse import TAOBAO_BEHAVIORS
 
-    cols = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
-    lo, hi = cfg.window()
-    ints = [
-        pl.col(c).str.strip_chars().str.to_integer(strict=False) for c in cols if c != "behavior"
-    ]
-    raw = pl.scan_csv(
-        cfg.path, has_header=False, new_columns=cols, schema={c: pl.String for c in cols}
-    ).with_row_index("seq_no")
-    typed = raw.with_columns(
-        *ints, pl.col("behavior").str.strip_chars(), pl.lit(None, pl.Float32).alias("value")
-    )
-    ok = pl.all_horizontal(pl.col(c).is_not_null() for c in cols)
-    ok = ok & pl.col("behavior").is_in(list(TAOBAO_BEHAVIORS))
-    ok = ok & (pl.col("timestamp") >= (lo or 0)) & (pl.col("timestamp") < (hi or 2**62))
-    clean_path = Path(out) / "_clean.parquet"
-    Path(out).mkdir(parents=True, exist_ok=True)
-    typed.filter(ok).unique(sequences.EVENT_KEY, keep="first").sink_parquet(clean_path)
-    rows_read = raw.select(pl.len()).collect(engine="streaming").item()
+    clean_path, rows_read = _sink_clean_events(cfg, Path(out))
     clean = pl.scan_parquet(clean_path)
     users = clean.group_by("user_id").len().filter(pl.col("len") >= cfg.min_events())
     kept = clean.join(users.select("user_id"), on="user_id", how="semi")
@@ -175,6 +157,35 @@ def prepare_streaming(cfg, out: str) -> dict:
         view.write_parquet(Path(out) / split / "part-00000.parquet")
     clean_path.unlink()
     return {"rows_read": rows_read, "n_users": seqs.height, "n_items": items.height}
+
+
+def _sink_clean_events(cfg, out: Path) -> tuple[Path, int]:
+    """prepare_streaming's pass 1: the CSV's valid rows, exact duplicates dropped, streamed to
+    out/_clean.parquet. Returns that file and the number of rows read (valid or not)."""
+    import polars as pl
+
+    from rec.data import sequences
+    from rec.data.parse import TAOBAO_BEHAVIORS
+
+    cols = ["user_id", "item_id", "category_id", "behavior", "timestamp"]
+    lo, hi = cfg.window()
+    ints = [
+        pl.col(c).str.strip_chars().str.to_integer(strict=False) for c in cols if c != "behavior"
+    ]
+    raw = pl.scan_csv(
+        cfg.path, has_header=False, new_columns=cols, schema={c: pl.String for c in cols}
+    ).with_row_index("seq_no")
+    typed = raw.with_columns(
+        *ints, pl.col("behavior").str.strip_chars(), pl.lit(None, pl.Float32).alias("value")
+    )
+    ok = pl.all_horizontal(pl.col(c).is_not_null() for c in cols)
+    ok = ok & pl.col("behavior").is_in(list(TAOBAO_BEHAVIORS))
+    ok = ok & (pl.col("timestamp") >= (lo or 0)) & (pl.col("timestamp") < (hi or 2**62))
+    clean_path = out / "_clean.parquet"
+    out.mkdir(parents=True, exist_ok=True)
+    typed.filter(ok).unique(sequences.EVENT_KEY, keep="first").sink_parquet(clean_path)
+    rows_read = raw.select(pl.len()).collect(engine="streaming").item()
+    return clean_path, rows_read
 
 
 def scale_points(scale: float, work: Path, modes: list[str], timeout: int = 1800) -> list[dict]:

@@ -137,7 +137,7 @@ def report(samples: list, results: list, rate: float, minutes: float, config: st
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default="outputs/serve_beauty")
     parser.add_argument("--config-name", default="fused", choices=list(CONFIGS))
@@ -159,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=float, default=60.0, help="seconds before RSS is taken")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_soak.json"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     users = user_ids(args.model_dir)
     port = free_port()
     env_extra, overrides = CONFIGS[args.config_name]

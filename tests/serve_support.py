@@ -1,5 +1,6 @@
 """Test helpers for the serving tests: a tiny model directory shaped like a train job's output,
-and a closed-loop HTTP load generator (Load).
+a closed-loop HTTP load generator (Load), and the replica-kill and metrics helpers of
+tests/test_serve_http.py (Ray imported inside them only).
 
 A randomly initialised tiny Recommender over a small synthetic log is enough for the serving
 mechanics (no training): <dir>/data is the prepared data, <dir>/export the serving export.
@@ -128,3 +129,57 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=60)
+
+
+def replica_actor_names(app: str, deployment: str) -> list[str]:
+    """The Ray actor names of `deployment`'s live replicas in Serve application `app`, sorted."""
+    import ray
+
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in a["name"]
+    )
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    dep = serve.status().applications[app].deployments[deployment]
+    return int(dep.replica_states.get("RUNNING", 0))
+
+
+def kill_and_wait_replaced(
+    app: str, victims: dict[str, list[str]], timeout_s: float = 120.0
+) -> float:
+    """Kill the named replicas; poll serve.status until every deployment again runs 2 replicas
+    none of which is a victim. Returns the seconds that took."""
+    import ray
+
+    t0 = time.monotonic()
+    for names in victims.values():
+        for name in names:
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    while True:
+        done = all(  # two live named replicas, none a victim, and Serve counts both running
+            len(live := replica_actor_names(app, dep)) == 2
+            and not set(names) & set(live)
+            and running_replicas(app, dep) == 2
+            for dep, names in victims.items()
+        )
+        if done:
+            return time.monotonic() - t0
+        assert time.monotonic() - t0 < timeout_s, {d: running_replicas(app, d) for d in victims}
+        time.sleep(0.2)
+
+
+def prometheus_samples(ray, name: str, app: str) -> dict[str, float]:
+    """{tags: value} of one metric of one application, from every node's metrics endpoint."""
+    found: dict[str, float] = {}
+    for node in ray.nodes():
+        text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(name + "{") and f'application="{app}"' in line:
+                tags, value = line[len(name) + 1 :].rsplit("} ", 1)
+                found[tags] = found.get(tags, 0.0) + float(value)
+    return found

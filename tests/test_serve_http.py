@@ -28,7 +28,14 @@ from rec.config_loader import load_config
 from rec.metrics import ild_jaccard
 from serve.catalog import Catalog, UserHistories
 from tests.ports import free_port
-from tests.serve_support import Load, make_model_dir, make_policy_dir
+from tests.serve_support import (
+    Load,
+    kill_and_wait_replaced,
+    make_model_dir,
+    make_policy_dir,
+    prometheus_samples,
+    replica_actor_names,
+)
 from tests.test_loopback import is_loopback, listeners
 
 pytestmark = pytest.mark.ray
@@ -262,45 +269,6 @@ def test_overload_is_shed_with_503_and_retry_after(server) -> None:
     assert inside[0] <= 8 * inside[1], inside
 
 
-def replica_actor_names(deployment: str) -> list[str]:
-    import ray
-
-    return sorted(
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::") and f"{APP}#{deployment}#" in a["name"]
-    )
-
-
-def running_replicas(deployment: str) -> int:
-    from ray import serve
-
-    dep = serve.status().applications[APP].deployments[deployment]
-    return int(dep.replica_states.get("RUNNING", 0))
-
-
-def kill_and_wait_replaced(victims: dict[str, list[str]], timeout_s: float = 120.0) -> float:
-    """Kill the named replicas; poll serve.status until every deployment again runs 2 replicas
-    none of which is a victim. Returns the seconds that took."""
-    import ray
-
-    t0 = time.monotonic()
-    for names in victims.values():
-        for name in names:
-            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-    while True:
-        done = all(  # two live named replicas, none a victim, and Serve counts both running
-            len(live := replica_actor_names(dep)) == 2
-            and not set(names) & set(live)
-            and running_replicas(dep) == 2
-            for dep, names in victims.items()
-        )
-        if done:
-            return time.monotonic() - t0
-        assert time.monotonic() - t0 < timeout_s, {d: running_replicas(d) for d in victims}
-        time.sleep(0.2)
-
-
 def test_one_replica_of_every_deployment_killed_loses_no_request(server) -> None:
     """Two replicas per deployment, one of each killed: a stage call that hit a killed replica
     is retried on the other one by the ingress; a request in flight on the killed ingress
@@ -310,11 +278,11 @@ def test_one_replica_of_every_deployment_killed_loses_no_request(server) -> None
     once measured {200: 583, 503: 588}, 3 {200: 512, 503: 25}: refused by that limit (Ray's
     router also refuses some requests below it when they arrive together), never 500."""
     catalog, _ = server
-    victims = {dep: replica_actor_names(dep)[:1] for dep in ("Ingress", *STAGES)}
+    victims = {dep: replica_actor_names(APP, dep)[:1] for dep in ("Ingress", *STAGES)}
     assert all(victims.values()), victims
     with Load(URL, catalog, workers=2, backoff_s=0.0) as load:
         load.wait_for(40)
-        recovery = kill_and_wait_replaced(victims)
+        recovery = kill_and_wait_replaced(APP, victims)
         load.wait_for(40)  # answers served by the replacements too
     print(f"[replica kill] {load.codes()} during the kill, replaced in {recovery:.1f} s")
     codes = load.codes()
@@ -332,8 +300,8 @@ def test_every_replica_of_a_stage_killed_is_503_never_500(server) -> None:
     catalog, _ = server
     with Load(URL, catalog, workers=4, backoff_s=0.0) as load:
         load.wait_for(40)
-        victims = {dep: replica_actor_names(dep) for dep in ("Ingress", "Ranker")}
-        recovery = kill_and_wait_replaced(victims)
+        victims = {dep: replica_actor_names(APP, dep) for dep in ("Ingress", "Ranker")}
+        recovery = kill_and_wait_replaced(APP, victims)
         deadline = time.monotonic() + 60  # recovered: 20 answers in a row are 200
         while [c for c, _, _ in load.results[-20:]] != [200] * 20:
             assert time.monotonic() < deadline, load.codes()
@@ -343,16 +311,24 @@ def test_every_replica_of_a_stage_killed_is_503_never_500(server) -> None:
     assert all(retry == "1" for c, _, retry in load.results if c == 503)
 
 
-def prometheus_samples(ray, name: str, app: str) -> dict[str, float]:
-    """{tags: value} of one metric of one application, from every node's metrics endpoint."""
-    found: dict[str, float] = {}
-    for node in ray.nodes():
-        text = httpx.get(f"http://127.0.0.1:{node['MetricsExportPort']}/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith(name + "{") and f'application="{app}"' in line:
-                tags, value = line[len(name) + 1 :].rsplit("} ", 1)
-                found[tags] = found.get(tags, 0.0) + float(value)
-    return found
+def wait_until_running(serve_cli: Path, name: str, timeout_s: float = 120.0) -> None:
+    """Poll `serve status --name` until the application is RUNNING (`serve deploy` returns once
+    the request is sent); any state but the ones on the way there fails at once."""
+    import subprocess
+
+    import yaml
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = subprocess.run(
+            [serve_cli, "status", "--name", name], capture_output=True, text=True
+        )
+        state = yaml.safe_load(status.stdout or "{}") or {}
+        if state.get("status") == "RUNNING":
+            return
+        assert state.get("status") in (None, "NOT_STARTED", "DEPLOYING"), status.stdout
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(1)
 
 
 def test_serve_build_file_deploys_fused_with_app_metrics(server, ray_local, tmp_path) -> None:
@@ -386,17 +362,7 @@ def test_serve_build_file_deploys_fused_with_app_metrics(server, ray_local, tmp_
     # The dashboard's address: RAY_DASHBOARD_ADDRESS, set by the session's Ray (conftest).
     subprocess.run([serve_cli, "deploy", out], check=True, timeout=120)
     try:
-        deadline = time.monotonic() + 120  # `serve deploy` returns once the request is sent
-        while True:
-            status = subprocess.run(
-                [serve_cli, "status", "--name", "built"], capture_output=True, text=True
-            )
-            state = yaml.safe_load(status.stdout or "{}") or {}
-            if state.get("status") == "RUNNING":
-                break
-            assert state.get("status") in (None, "NOT_STARTED", "DEPLOYING"), status.stdout
-            assert time.monotonic() < deadline, status.stdout
-            time.sleep(1)
+        wait_until_running(serve_cli, "built")
         known = catalog.item_ids[1:6].tolist()
         for body in ({"history": known, "k": 5}, {"history": [], "k": 5}):
             resp = httpx.post(f"{URL}/built/recommend", json=body, timeout=30)
