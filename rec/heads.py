@@ -29,6 +29,11 @@ diversity (P(the user explores a new category next)), logit = MLP(h_t)
     categories of the last `diversity_window` input items at positions <= t (padding ignored);
     items without categories are never "new". See `diversity_targets`. BCE averaged over
     positions with a target.
+contrastive (an auxiliary view of the same sequence; DuoRec's unsupervised objective)
+    the batch is encoded twice under different dropout masks; z, z' are the two states at
+    each sequence's last position. InfoNCE with the other sequences of the batch (both views)
+    as negatives, cosine similarity / `contrastive_temperature`, symmetric. See
+    `contrastive_loss`.
 total
     sum_k w_k L_k, or with uncertainty weighting (Kendall et al. 2018)
     sum_k w_k (exp(-s_k) L_k + s_k / 2) with learned s_k = log sigma_k^2.
@@ -40,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASKS = ("interest", "relevance", "diversity")
+TASKS = ("interest", "relevance", "diversity", "contrastive")
 
 
 def diversity_targets(
@@ -73,9 +78,11 @@ def interest_full_loss(
     temperature: float,
     history: torch.Tensor | None = None,
     repeat_logit: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Softmax cross-entropy over all items. h: (P, D), item_table: (N + 1, D), targets: (P,);
-    history: (P, T) item ids each position may repeat (0 = none), repeat_logit: () scalar."""
+    history: (P, T) item ids each position may repeat (0 = none), repeat_logit: () scalar;
+    label_smoothing: mass spread uniformly over all items (F.cross_entropy's)."""
     # Scaling h, not the (P, N) logits, saves a full pass over the largest tensor; dropping
     # row 0 is the same as a -inf padding column without materialising it.
     logits = (h / temperature) @ item_table[1:].T  # (P, N)
@@ -83,7 +90,21 @@ def interest_full_loss(
         rows, cols = _unique_pairs(history)
         # In place on the largest tensor: matmul's backward does not need its output.
         logits.index_put_((rows, cols - 1), repeat_logit.expand(len(rows)), accumulate=True)
-    return F.cross_entropy(logits, targets - 1)
+    return F.cross_entropy(logits, targets - 1, label_smoothing=label_smoothing)
+
+
+def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR; CL4SRec and DuoRec's form): z1, z2 (B, D) two views of B sequences.
+
+    For view i of sequence b the positive is the other view of b; the 2B - 2 other states
+    of the batch are negatives. Cosine similarity / temperature, averaged over 2B anchors.
+    """
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)  # (2B, D)
+    sim = z @ z.T / temperature  # (2B, 2B)
+    n = len(z1)
+    sim.fill_diagonal_(float("-inf"))  # a state is not its own negative
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # (2B,)
+    return F.cross_entropy(sim, target)
 
 
 def _unique_pairs(history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

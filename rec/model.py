@@ -7,6 +7,9 @@ losses live in `rec.heads`, the `Recommender` that holds network, heads and loss
 
     x_t = item_t + mean(categories of item_t) + behavior_t + position_t (+ time gap_t)
 
+(the category, behavior and time-gap terms can each be switched off: `use_categories`,
+`use_behaviors`, `use_time_gaps`, for the ablations.)
+
 The output layer is tied to the input item table: interest logits are `h @ item_embeddings().T`.
 
     model = SeqRecModel(ModelConfig(size="tiny"), DataDims(n_items=12000, n_categories=300),
@@ -60,6 +63,7 @@ class LossWeights:
     interest: float = 1.0  # next-item softmax
     relevance: float = 0.5  # P(strong engagement) BCE
     diversity: float = 0.2  # P(next item opens a new category) BCE
+    contrastive: float = 0.0  # two dropout views of a sequence agree (rec.heads.contrastive_loss)
 
 
 @dataclass
@@ -74,6 +78,10 @@ class ModelConfig:
     max_len: int = 50  # longest input sequence; sizes the learned position table
     dropout: float = 0.1  # on input embeddings and attention probabilities
     use_time_gaps: bool = True  # add the log2 time-gap token embedding to each event
+    # Item vectors include the mean of the item's category embeddings (inputs and the tied
+    # output table). False: item id only (the ablation of the category input).
+    use_categories: bool = True
+    use_behaviors: bool = True  # add the behavior token embedding (pv/cart/fav/buy, ratings)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"  # HF attention
     # Softmax over all items, sampled, or "auto": sampled from `sampled_above_items` items up,
     # where a full (positions x items) logit matrix per step stops fitting (resolve_interest_loss).
@@ -81,6 +89,8 @@ class ModelConfig:
     sampled_above_items: int = 100_000  # the "auto" threshold (catalogue size, padding excluded)
     n_negatives: int = 1024  # "sampled": negatives shared across the batch (logQ-corrected)
     temperature: float = 1.0  # interest logits are h . e / temperature
+    label_smoothing: float = 0.0  # full softmax only: target mass spread over all items
+    contrastive_temperature: float = 1.0  # loss_weights.contrastive > 0: cosine / this
     relevance_mode: Literal["auto", "graded", "sampled"] = "auto"  # auto: graded iff engaged data
     relevance_negatives: int = 1  # relevance "sampled": random negatives per positive
     diversity_window: int = 10  # "new category" = not among the last this many input items
@@ -128,10 +138,15 @@ class ModelConfig:
             )
         if self.freq_window < 1:
             raise ValueError(f"model.freq_window must be >= 1, got {self.freq_window!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"model.temperature must be > 0, got {self.temperature!r}")
+        for name in ("temperature", "contrastive_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(
+                f"model.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
+            )
         weights = self.loss_weights
-        for name in ("interest", "relevance", "diversity"):
+        for name in ("interest", "relevance", "diversity", "contrastive"):
             if getattr(weights, name) < 0:
                 raise ValueError(f"model.loss_weights.{name} must be >= 0")
 
@@ -219,8 +234,15 @@ class SeqRecModel(nn.Module):
         self.register_buffer("item_categories", item_categories.to(torch.long))
         self.item_emb = nn.Embedding(dims.n_items + 1, d, padding_idx=0)
         # mode="mean" with padding_idx averages only an item's real categories (none -> zeros).
-        self.category_emb = nn.EmbeddingBag(dims.n_categories + 1, d, mode="mean", padding_idx=0)
-        self.behavior_emb = nn.Embedding(dims.n_behaviors, d, padding_idx=0)
+        # Tables an ablation switches off are not built: ZeRO wants no unused parameters.
+        self.category_emb = (
+            nn.EmbeddingBag(dims.n_categories + 1, d, mode="mean", padding_idx=0)
+            if cfg.use_categories
+            else None
+        )
+        self.behavior_emb = (
+            nn.Embedding(dims.n_behaviors, d, padding_idx=0) if cfg.use_behaviors else None
+        )
         self.position_emb = nn.Embedding(cfg.max_len + 1, d, padding_idx=0)
         self.gap_emb = nn.Embedding(dims.n_gaps, d, padding_idx=0) if cfg.use_time_gaps else None
         self.input_dropout = nn.Dropout(cfg.dropout)
@@ -240,15 +262,13 @@ class SeqRecModel(nn.Module):
         self._init_embeddings()
 
     def _init_embeddings(self) -> None:
-        for emb in (self.item_emb, self.category_emb, self.behavior_emb, self.position_emb):
+        tables = (self.item_emb, self.category_emb, self.behavior_emb, self.position_emb)
+        for emb in (*tables, self.gap_emb):
+            if emb is None:
+                continue
             nn.init.normal_(emb.weight, std=INIT_STD)
-        if self.gap_emb is not None:
-            nn.init.normal_(self.gap_emb.weight, std=INIT_STD)
-        with torch.no_grad():
-            for emb in (self.item_emb, self.category_emb, self.behavior_emb, self.position_emb):
+            with torch.no_grad():
                 emb.weight[0].zero_()
-            if self.gap_emb is not None:
-                self.gap_emb.weight[0].zero_()
 
     @property
     def hidden_size(self) -> int:
@@ -260,8 +280,9 @@ class SeqRecModel(nn.Module):
         Index 0 (padding) maps to the zero vector. This is the only definition of an item's
         vector: inputs, tied output logits and the relevance head all use it.
         """
-        cats = self.item_categories[idx.reshape(-1)]  # (N, C)
-        vec = self.item_emb(idx.reshape(-1)) + self.category_emb(cats)  # (N, D)
+        vec = self.item_emb(idx.reshape(-1))  # (N, D)
+        if self.category_emb is not None:
+            vec = vec + self.category_emb(self.item_categories[idx.reshape(-1)])  # (N, D)
         return vec.reshape(*idx.shape, -1)  # (..., D)
 
     def item_embeddings(self) -> torch.Tensor:
@@ -283,7 +304,9 @@ class SeqRecModel(nn.Module):
         positions = mask.long().cumsum(dim=1) * mask  # (B, T), 0 on padding
         gathered = item_table is not None
         x = F.embedding(items, item_table) if gathered else self.item_vectors(items)  # (B, T, D)
-        x = x + self.behavior_emb(batch.behaviors) + self.position_emb(positions)  # (B, T, D)
+        x = x + self.position_emb(positions)  # (B, T, D)
+        if self.behavior_emb is not None:
+            x = x + self.behavior_emb(batch.behaviors)  # (B, T, D)
         if self.gap_emb is not None:
             x = x + self.gap_emb(batch.gaps)  # (B, T, D)
         x = self.input_dropout(x)  # (B, T, D)
@@ -309,7 +332,8 @@ def model_summary(model: SeqRecModel, total: nn.Module | None = None) -> str:
     arch, dims = model.cfg.architecture(), model.dims
     n_total = count_parameters(total if total is not None else model)
     n_backbone = count_parameters(model.backbone)
-    n_items = model.item_emb.weight.numel() + model.category_emb.weight.numel()
+    cats = model.category_emb
+    n_items = model.item_emb.weight.numel() + (cats.weight.numel() if cats is not None else 0)
     return (
         f"SeqRecModel size={model.cfg.size} hidden={arch.hidden_size} layers={arch.n_layers} "
         f"heads={arch.n_heads} ffn={arch.ffn_size} max_len={model.cfg.max_len} "

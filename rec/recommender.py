@@ -37,6 +37,7 @@ from rec.heads import (
     MultiTaskLoss,
     RelevanceHead,
     causal_history,
+    contrastive_loss,
     diversity_targets,
     in_history,
     interest_full_loss,
@@ -110,7 +111,8 @@ class Recommender(nn.Module):
         weights = self.cfg.loss_weights
         full = self.interest_loss == "full" and weights.interest > 0
         table = self.model.item_embeddings() if full else None  # (N + 1, D), once per step
-        h = self.model(batch, table)[mask]  # (P, D)
+        states = self.model(batch, table)  # (B, T, D)
+        h = states[mask]  # (P, D)
         targets = batch.targets[mask]  # (P,)
         if table is not None:
             target_vecs = F.embedding(targets, table)  # (P, D)
@@ -120,6 +122,11 @@ class Recommender(nn.Module):
         if weights.interest > 0:
             history = causal_history(batch.items, mask) if self.repeat_logit is not None else None
             losses["interest"] = self._interest_loss(h, target_vecs, targets, table, history)
+        if weights.contrastive > 0:  # a second view: the same batch under fresh dropout
+            view = self.model(batch, table)[:, -1]  # (B, D), last position (left padding)
+            losses["contrastive"] = contrastive_loss(
+                states[:, -1], view, self.cfg.contrastive_temperature
+            )
         if self.cfg.aux_detach:  # the auxiliary heads read the states; gradients stop here
             h, target_vecs = h.detach(), target_vecs.detach()
         if weights.relevance > 0:
@@ -143,8 +150,9 @@ class Recommender(nn.Module):
     ) -> torch.Tensor:
         if table is not None:
             return interest_full_loss(
-                h, table, targets, self.cfg.temperature, history, self.repeat_logit
-            )
+                h, table, targets, self.cfg.temperature, history, self.repeat_logit,
+                self.cfg.label_smoothing,
+            )  # fmt: skip
         neg_ids = torch.multinomial(self.log_q.exp(), self.cfg.n_negatives, replacement=True)
         neg_vecs = self.model.item_vectors(neg_ids)  # (K, D)
         return interest_sampled_loss(
