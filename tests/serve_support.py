@@ -88,6 +88,7 @@ class Load:
         self.url, self.catalog, self.workers, self.backoff_s = url, catalog, workers, backoff_s
         self.results: list[tuple[int, float, str | None]] = []
         self.ingress_ms: list[float] = []
+        self.errors: list[str] = []  # why a request got no HTTP answer (code -1), in order
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
@@ -106,8 +107,9 @@ class Load:
                 code, retry = resp.status_code, resp.headers.get("retry-after")
                 if code == 200:
                     self.ingress_ms.append(resp.json()["timings_ms"]["total"])
-            except httpx.HTTPError:
+            except httpx.HTTPError as exc:  # no answer: kept (code -1) with its reason
                 code, retry = -1, None
+                self.errors.append(f"{type(exc).__name__} after {time.perf_counter() - t:.1f} s")
             self.results.append((code, time.perf_counter() - t, retry))
             if code == 503:
                 await asyncio.sleep(self.backoff_s)
@@ -119,8 +121,10 @@ class Load:
             assert time.monotonic() < deadline, f"{len(self.results)} < {target} answers"
             time.sleep(0.05)
 
-    def codes(self) -> dict[int, int]:
-        return {c: sum(r[0] == c for r in self.results) for c in {r[0] for r in self.results}}
+    def codes(self) -> dict[int, int | list[str]]:
+        """Answers per status code; -1 (no HTTP answer) lists each one's reason instead."""
+        counts = {c: sum(r[0] == c for r in self.results) for c in {r[0] for r in self.results}}
+        return counts | ({-1: self.errors} if self.errors else {})
 
     def __enter__(self) -> Load:
         self.thread.start()
