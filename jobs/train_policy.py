@@ -12,7 +12,12 @@ r"""Learn a policy that picks the DPP diversity weight lam per slate, with RLlib
    Users are split fit / tune / test (60/20/20 with policy.eval_fraction = 0.4): the user
    model and PPO see the fit users, selection the tune users, the ladder reports on test.
 3. PPO on RLlib's new API stack (rl/train.py), env runners on Ray, fit users only, one run
-   per seed (policy.seeds), each early-stopped on its tune-user return.
+   per seed (policy.seeds), each early-stopped on its tune-user return. With
+   policy.warm_start (default) every seed starts as the best fixed lam of the tune users
+   (the ladder's best_fixed choice, rl.ladder.best_fixed), scored as iteration 0 and kept
+   unless an iterate beats it with a paired CI above 0; policy_eval.json `ppo_selection`
+   (and the ladder's ppo.per_seed) says which iteration each seed kept, and whether PPO
+   found anything better than the constant.
 4. The seed with the best tune return is published: its RLModule and policy.json as a new
    version of output_dir (v-.../ with MANIFEST.json, then CURRENT switches; loads without
    the Algorithm and verifies: `rl.policy`).
@@ -21,7 +26,9 @@ r"""Learn a policy that picks the DPP diversity weight lam per slate, with RLlib
    ceilings (rl/ladder.py) on tune / test, every PPO seed reported -> policy_eval.json
    `ladder`; and the ladder without PPO across the unidentified parameters
    (rl/sensitivity.py) -> sensitivity.json / sensitivity.md.
-Expect ~10 min on 2 CPUs for Beauty with the defaults (5 seeds).
+Evaluations play policy.episodes(users) episodes per arm: small held-out sets get more
+episodes per user (rl/policy.py: PolicyConfig.episodes).
+Expect ~15 min on 2 CPUs for Beauty with the defaults (5 seeds), less for the Taobao slice.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from rec import artifacts, storage
 from rec.config_loader import ConfigError
 from rec.logs import get_logger
 from rl.arms import play, split_users
-from rl.ladder import halves, ladder
+from rl.ladder import best_fixed, halves, ladder
 from rl.policy import MODULE_DIR, LamPolicy, write_policy_meta
 from rl.realism import write_realism
 from rl.report import evaluate_arms, write_report
@@ -75,9 +82,13 @@ def _run(cfg: RunConfig, out) -> dict:
         f"{time.time() - t0:.0f} s; user model {env_cfg.user_model}: {fitted['summary']}"
     )
     tune, test = halves(eval_users, pc.seed)
+    # the ladder's best_fixed choice on the tune users, made once: PPO starts from it
+    choice = _best_fixed(cfg, data, env_cfg, tune, test)
     init_ray(cfg.ray)
     with tempfile.TemporaryDirectory(prefix="raydiv-policy-") as tmp:
-        seeds, curves, chosen = _train_seeds(cfg, data, world_ref, env_cfg, train_users, tune, tmp)
+        seeds, curves, chosen = _train_seeds(
+            cfg, data, (world_ref, env_cfg), train_users, tune, tmp, choice
+        )
         build = Path(tmp) / f"seed{chosen}"
         extra = {"algorithm": "PPO", "calibrated": fitted["summary"], "seed": chosen}
         write_policy_meta(build, env_cfg, extra | {"model_dir": str(cfg.model_dir)})
@@ -87,11 +98,15 @@ def _run(cfg: RunConfig, out) -> dict:
         )
     log.info("published the policy %s (seed %d, best tune return)", version, chosen)
     policy = LamPolicy.load(dest)  # the published module, verified, exactly as Serve loads it
+    n_eval = pc.episodes(len(eval_users))
     report = evaluate_arms(
-        data, env_cfg, eval_users, policy.arm(), pc.eval_episodes, pc.seed + 10_000, cfg.rerank
+        data, env_cfg, eval_users, policy.arm(), n_eval, pc.seed + 10_000, cfg.rerank
     )
+    report["ppo_selection"] = _selection(curves)
     if pc.ladder_states:
-        report["ladder"] = _ladder(cfg, data, env_cfg, (tune, test), seeds)
+        lad = report["ladder"] = _ladder(cfg, data, env_cfg, (tune, test), seeds, choice)
+        for s, sel in report["ppo_selection"]["per_seed"].items():  # beside each seed's gain
+            lad["ppo"]["per_seed"][s] |= sel
     if pc.sensitivity.w_exp:
         table = sensitivity(
             data, env_cfg, train_users, tune, test, fitted["target"], fitted["min_events"],
@@ -111,27 +126,67 @@ def _run(cfg: RunConfig, out) -> dict:
     return report
 
 
-def _train_seeds(cfg: RunConfig, data, world_ref, env_cfg, train_users, tune, tmp):
-    """One early-stopped PPO run per seed -> ({seed: arm}, {seed: curve}, the seed with the
-    best tune return). Modules in tmp/seed<s>/rl_module."""
+def _best_fixed(cfg: RunConfig, data, env_cfg, tune, test):
+    """The ladder's best fixed lam on the tune users with its grid results (rl.ladder.best_fixed,
+    the ladder's episodes and seed), or None where neither the ladder nor the warm start
+    needs it."""
+    pc = cfg.policy
+    if not (pc.warm_start or pc.ladder_states):
+        return None
+    n = pc.episodes(min(len(tune), len(test)))
+    return best_fixed(data, env_cfg, tune, n, pc.seed + 20_000, cfg.rerank)
+
+
+def _train_seeds(cfg: RunConfig, data, world, train_users, tune, tmp, choice):
+    """One early-stopped PPO run per seed (warm-started at choice's lam with
+    policy.warm_start) -> ({seed: arm}, {seed: curve}, the seed with the best tune return).
+    Modules in tmp/seed<s>/rl_module."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    pc = cfg.policy
+    pc, (world_ref, env_cfg) = cfg.policy, world
+    n_tune = pc.episodes(len(tune), pc.tune_episodes)
+    warm = choice[0] if pc.warm_start else None
+    if warm is not None:
+        log.info("PPO warm start: lam %.1f (best fixed lam on the tune users)", warm)
 
-    def on_tune(arm) -> float:  # the same seeded tune episodes for every iteration and seed
-        return float(play(data, env_cfg, tune, arm, pc.tune_episodes, pc.seed + 30_000,
-                          cfg.rerank).returns.mean())  # fmt: skip
+    def on_tune(arm):  # the same seeded tune episodes for every iteration and seed
+        return play(data, env_cfg, tune, arm, n_tune, pc.seed + 30_000, cfg.rerank)
 
     arms, curves, scores = {}, {}, {}
     for s in range(pc.seed, pc.seed + pc.seeds):
         module_dir = Path(tmp) / f"seed{s}" / MODULE_DIR
         run_cfg = replace(pc, seed=s)
-        curves[s] = fit(run_cfg, world_ref, env_cfg, train_users, module_dir, cfg.rerank, on_tune)
+        curves[s] = fit(
+            run_cfg, world_ref, env_cfg, train_users, module_dir, cfg.rerank, on_tune, warm
+        )
         module = RLModule.from_checkpoint(str(module_dir.resolve()))
         arms[s] = LamPolicy(module, env_cfg).arm()
-        scores[s] = max(r.get("tune_return", -np.inf) for r in curves[s])
-        log.info("PPO seed %d: best tune return %.3f", s, scores[s])
+        kept = [r for r in curves[s] if r.get("kept")]  # the saved module's row
+        scores[s] = kept[0]["tune_return"] if kept else -np.inf
+        log.info("PPO seed %d: kept iteration %s, tune return %.3f", s,
+                 kept[0]["iteration"] if kept else "-", scores[s])  # fmt: skip
     return arms, curves, max(scores, key=scores.get)
+
+
+def _selection(curves: dict) -> dict:
+    """Which iteration each seed kept (0: the warm start, the best fixed lam) -> JSON."""
+    per_seed = {}
+    for s, curve in curves.items():
+        kept = next((r for r in curve if r.get("kept")), curve[-1])
+        per_seed[str(s)] = {
+            "selected_iteration": kept["iteration"],
+            "selected_warm_start": "warm_start_lam" in kept,
+            "tune_return": kept.get("tune_return"),
+            "iterations_run": max(r["iteration"] for r in curve),
+        }
+    warm = sum(v["selected_warm_start"] for v in per_seed.values())
+    verdict = (
+        "PPO found nothing better than the constant: every seed kept its warm start"
+        if warm == len(per_seed)
+        else f"{len(per_seed) - warm} of {len(per_seed)} seeds beat the constant on tune users"
+    )
+    log.info("PPO selection: %s", verdict)
+    return {"per_seed": per_seed, "seeds_kept_warm_start": warm, "verdict": verdict}
 
 
 def _world(cfg: RunConfig, out):
@@ -164,7 +219,7 @@ def _world(cfg: RunConfig, out):
     return data, world_ref, env_cfg, fitted, split
 
 
-def _ladder(cfg: RunConfig, data, env_cfg, split, arms: dict) -> dict:
+def _ladder(cfg: RunConfig, data, env_cfg, split, arms: dict, choice) -> dict:
     """The ladder of ceilings on the tune / test users (rl/ladder.py), every PPO seed."""
     pc = cfg.policy
     tune, test = split
@@ -173,13 +228,14 @@ def _ladder(cfg: RunConfig, data, env_cfg, split, arms: dict) -> dict:
         env_cfg,
         tune,
         test,
-        pc.eval_episodes,
+        pc.episodes(min(len(tune), len(test))),
         pc.seed + 20_000,
         n_states=pc.ladder_states,
         policies=arms,
         oracle_episodes=pc.oracle_episodes,
         rollouts=pc.ladder_rollouts,
         rerank_cfg=cfg.rerank,
+        tune_choice=choice,
     )
     rungs = ("per_type_oracle", "context_ceiling", "full_oracle", "ppo")
     parts = [

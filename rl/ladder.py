@@ -1,11 +1,12 @@
 """The ladder of ceilings for a per-request lam (numpy only, no Ray): how much can choosing lam
 per request gain at all in this simulated world, before asking whether PPO gets it.
 
-    lad = ladder(data, cfg, tune_users, test_users, episodes=500, seed=0, policy=arm)
+    lad = ladder(data, cfg, tune_users, test_users, episodes=500, seed=0, policies={0: arm})
 
 Rungs, each evaluated on the test users' episodes (episode e of every arm: reset seed
 seed + e, the same user and random stream: common random numbers), chosen on the tune users:
-  - best_fixed: the lam of the grid with the best mean return on the tune users;
+  - best_fixed: the lam of the grid with the best mean return on the tune users (`best_fixed`;
+    jobs.train_policy warm-starts PPO at it and passes the choice in as `tune_choice`);
   - per_type_oracle: each hidden type (the session user's starting intent; the
     focused/explorer type of the "types" user) gets its own best fixed lam (chosen on tune);
   - context_ceiling: per request, the return-to-go of every lam is measured by `rollouts`
@@ -38,6 +39,13 @@ from rl.env import DiversityEnv
 
 GRID = np.linspace(0.0, 1.0, N_LAM_LEVELS)
 _ARRAYS = ("_free", "_clicked")
+
+
+def best_fixed(data, cfg: EnvConfig, users, episodes: int, seed: int, rerank_cfg=None):
+    """The grid lam with the best mean return on `users` (the ladder's best_fixed choice,
+    made on the tune users; jobs.train_policy warm-starts PPO at it) -> (lam, {lam: result})."""
+    grid = {lam: play(data, cfg, users, fixed(lam), episodes, seed, rerank_cfg) for lam in GRID}
+    return float(max(GRID, key=lambda lam: grid[lam].returns.mean())), grid
 
 
 def halves(users: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,17 +190,20 @@ def ladder(
     oracle_episodes: int = 100,
     rollouts: int = 4,
     rerank_cfg=None,
+    tune_choice: tuple[float, dict] | None = None,
 ) -> dict:
     """The rungs of the module docstring -> a JSON-ready dict (policy_eval.json `ladder`);
-    policies: PPO seed -> its arm (each reported; the ppo rung is their mean)."""
-    tune_seed, test_seed = seed, seed + 50_000
+    policies: PPO seed -> its arm (each reported; the ppo rung is their mean);
+    tune_choice: `best_fixed(data, cfg, tune_users, episodes, seed, rerank_cfg)` if the
+    caller made it already (the choice PPO was warm-started at), else made here."""
+    test_seed = seed + 50_000
     args = (data, cfg)
-
-    def grid_results(users, s):
-        return {lam: play(*args, users, fixed(lam), episodes, s, rerank_cfg) for lam in GRID}
-
-    tune, test = grid_results(tune_users, tune_seed), grid_results(test_users, test_seed)
-    best_lam = float(max(GRID, key=lambda lam: tune[lam].returns.mean()))
+    best_lam, tune = tune_choice or best_fixed(*args, tune_users, episodes, seed, rerank_cfg)
+    if len(tune[best_lam].returns) != episodes:
+        raise ValueError("tune_choice was made on a different number of episodes")
+    test = {
+        lam: play(*args, test_users, fixed(lam), episodes, test_seed, rerank_cfg) for lam in GRID
+    }
     best = test[best_lam]
     out = {
         "split": {

@@ -14,6 +14,7 @@ This module imports `ray.rllib` only inside `LamPolicy.load`: the RLModule is RL
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,16 +29,24 @@ from rl.sensitivity import SensitivityConfig
 POLICY_FORMAT = "raydiv-policy/1"
 MODULE_DIR = "rl_module"
 POLICY_FILE = "policy.json"
+# A warm-started policy's probability of its lam (rl.policy.warm_start_module): greedy it is
+# that constant; sampled, PPO still tries each other lam 7.5 % of the time. The logit margin
+# (1.2 nats) is what PPO must cross to change the greedy choice: at 0.5 (2.3 nats) the
+# contextual test's policy had not moved after 6 iterations.
+WARM_START_PROB = 0.25
 
 
 @dataclass
 class PolicyConfig:
     """PPO on RLlib's new API stack (jobs/train_policy.py)."""
 
-    # Training iterations (each collects train_batch_size env steps, then optimises).
-    iterations: int = 40
-    # Env steps per iteration (per learner).
-    train_batch_size: int = 2000
+    # Training iterations (each collects train_batch_size env steps, then optimises); at
+    # most: early stopping usually ends a seed after 8 (eval_every * patience). 20 keeps
+    # the job within ~15 min (module docstring of jobs/train_policy.py).
+    iterations: int = 20
+    # Env steps per iteration (per learner); 1000 with the warm start (session 10: 2000
+    # took the job past 15 min on the shared 2-core machine).
+    train_batch_size: int = 1000
     minibatch_size: int = 250
     num_epochs: int = 8  # passes over each iteration's batch
     lr: float = 3e-4
@@ -48,11 +57,18 @@ class PolicyConfig:
     num_env_runners: int = 1
     # Held-out users (never seen in training), halved into tune and test: 0.4 = 60/20/20.
     eval_fraction: float = 0.4
-    # Episodes per arm in the evaluation (fixed seeds, the same for every arm).
+    # Episodes per arm in the evaluation (fixed seeds, the same for every arm): at least
+    # this many, and at least episodes_per_user per user of the evaluated set, up to
+    # max_episodes (`episodes`). A cluster CI over few users is dominated by within-user
+    # noise until each user has tens of episodes: on the Taobao slice (23 test users) the
+    # paired CI of two fixed lams halves from 300 to 3000 episodes, and the best fixed lam
+    # chosen on 300 moved with the episode seed. Large sets are covered by the cap.
     eval_episodes: int = 500
+    episodes_per_user: int = 50
+    max_episodes: int = 1000
     # States whose per-request best lam is measured by rollouts for the ladder's context
     # ceiling (rl/ladder.py, on the held-out users); 0 skips the ladder.
-    ladder_states: int = 400
+    ladder_states: int = 300
     ladder_rollouts: int = 4  # rollouts per state and lam (their mean: less noise)
     seed: int = 0
     # PPO runs with seeds seed, seed + 1, ...: each reported in the ladder, the one with the
@@ -61,8 +77,14 @@ class PolicyConfig:
     # Early stopping on the tune users: score every eval_every iterations on tune_episodes
     # seeded episodes, stop after `patience` scores without improvement (rl/train.py).
     eval_every: int = 2
-    tune_episodes: int = 150
+    tune_episodes: int = 150  # the floor; sized to the tune users as eval_episodes is
     patience: int = 4
+    # Start every seed at the best fixed lam of the tune users (the ladder's best_fixed
+    # choice) and score that constant as iteration 0: PPO only replaces it with an iterate
+    # whose tune return beats it with a paired CI above 0 (rl/train.py). Without it PPO
+    # must first find the best constant from a uniform policy in a world whose returns
+    # are flat in lam, and lost 6-15 % to it (issue 14, sessions 8-9).
+    warm_start: bool = True
     lr_final_fraction: float = 0.1  # lr decays linearly to lr * this; entropy_coeff to 0
     # Test episodes of the ladder's full-information oracle (11 rollouts per slate).
     oracle_episodes: int = 100
@@ -88,6 +110,14 @@ class PolicyConfig:
             )
         if self.eval_episodes < 2 or self.num_env_runners < 0:
             raise ValueError("policy.eval_episodes must be >= 2 and num_env_runners >= 0")
+        if self.episodes_per_user < 0 or self.max_episodes < 2:
+            raise ValueError("policy.episodes_per_user must be >= 0 and max_episodes >= 2")
+
+    def episodes(self, n_users: int, floor: int | None = None) -> int:
+        """Episodes per arm for an evaluation of n_users users: at least `floor`
+        (eval_episodes), episodes_per_user per user, at most max(floor, max_episodes)."""
+        floor = self.eval_episodes if floor is None else floor
+        return max(floor, min(self.episodes_per_user * int(n_users), self.max_episodes))
 
 
 class LamPolicy:
@@ -133,6 +163,24 @@ class LamPolicy:
     def arm(self):
         """The policy as an `rl.arms.Arm` (one observation at a time)."""
         return lambda obs, rng: float(self.choose(obs[None])[0])
+
+
+def warm_start_module(module, lam: float, action_mode: str) -> None:
+    """Make a PPO RLModule's policy the constant `lam`, in place: the policy head's last layer
+    gets zero weights (its output no longer depends on the observation; gradients still reach
+    them, so PPO can learn a context from there) and a bias that puts WARM_START_PROB on lam's
+    grid level (discrete) or the Gaussian's mean at lam (continuous, log std kept)."""
+    import torch
+
+    last = [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        if action_mode == "discrete":
+            other = math.log((1.0 - WARM_START_PROB) / (N_LAM_LEVELS - 1))
+            last.bias.fill_(other)
+            last.bias[int(round(lam * (N_LAM_LEVELS - 1)))] = math.log(WARM_START_PROB)
+        else:
+            last.bias[0] = float(lam)
 
 
 def write_policy_meta(policy_dir: Path, env_cfg: EnvConfig, extra: dict) -> Path:

@@ -112,7 +112,12 @@ def _plot(report: dict, curve: list[dict], path: Path) -> None:
     ax.set_ylabel("mean episode return")
     ax.set_title(f"held-out users, {report['episodes_per_arm']} episodes per arm")
     ax.legend(fontsize=8)
-    ax2.plot([c["iteration"] for c in curve], [c["episode_return_mean"] for c in curve])
+    rows = [c for c in curve if "episode_return_mean" in c]  # iteration 0: the warm start
+    ax2.plot([c["iteration"] for c in rows], [c["episode_return_mean"] for c in rows])
+    tuned = [c for c in curve if "tune_return" in c]
+    ax2.plot([c["iteration"] for c in tuned], [c["tune_return"] for c in tuned], "o--",
+             label="tune users (selection)")  # fmt: skip
+    ax2.legend(fontsize=8)
     ax2.set_xlabel("PPO iteration")
     ax2.set_ylabel("training episode return (mean)")
     ax2.set_title("training curve")

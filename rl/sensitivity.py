@@ -42,11 +42,12 @@ class SensitivityConfig:
     w_exp: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 1.0])
     w_click: list[float] = field(default_factory=lambda: [0.5, 1.0])
     sensitivity_scale: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
-    episodes: int = 100  # per arm and cell, on the tune and on the test users
-    n_states: int = 60  # rollout states of the context ceiling
+    # Budgets sized so jobs.train_policy fits ~15 min on 2 CPUs (24 cells).
+    episodes: int = 50  # per arm and cell, on the tune and on the test users
+    n_states: int = 30  # rollout states of the context ceiling
     rollouts: int = 2  # rollouts per state and lam
-    oracle_episodes: int = 20
-    fit_episodes: int = 100  # per bisection step of the leave intercept
+    oracle_episodes: int = 10
+    fit_episodes: int = 60  # per bisection step of the leave intercept
     seed: int = 0
 
     def __post_init__(self) -> None:

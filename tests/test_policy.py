@@ -240,12 +240,47 @@ def test_contextual_world_best_lam_depends_on_type():
     assert hi.returns[ex[hi.users]].mean() > lo.returns[ex[lo.users]].mean() + 1.0
 
 
+def test_warm_start_makes_an_untrained_module_the_constant(tmp_path):
+    """rl.policy.warm_start_module: greedy, every observation gets the warm lam; sampled,
+    the lam has WARM_START_PROB and every other level an equal share (PPO explores)."""
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    from rl.policy import MODULE_DIR, WARM_START_PROB, LamPolicy, warm_start_module
+    from tests.serve_support import make_policy_dir
+
+    make_policy_dir(tmp_path)  # an untrained RLModule, saved as the job saves one
+    policy = LamPolicy.load(tmp_path)
+    obs = np.random.default_rng(0).random((64, len(OBS_FIELDS))).astype(np.float32)
+    assert len(set(policy.choose(obs).tolist())) > 1  # untrained: depends on the observation
+    warm_start_module(policy.module, 0.3, "discrete")
+    assert policy.choose(obs).tolist() == [0.3] * len(obs)
+    with torch.no_grad():
+        logits = policy.module.forward_inference({Columns.OBS: torch.from_numpy(obs)})
+    p = torch.softmax(logits[Columns.ACTION_DIST_INPUTS], 1).numpy()
+    np.testing.assert_allclose(p[:, 3], WARM_START_PROB, rtol=1e-5)
+    np.testing.assert_allclose(np.delete(p, 3, 1), (1 - WARM_START_PROB) / 10, rtol=1e-5)
+    assert (tmp_path / MODULE_DIR).is_dir()
+
+
+def test_episodes_are_sized_to_the_users():
+    from rl.policy import PolicyConfig
+
+    pc = PolicyConfig(eval_episodes=500, episodes_per_user=50, max_episodes=2000)
+    assert [pc.episodes(n) for n in (5, 23, 200)] == [500, 1150, 2000]
+    assert pc.episodes(23, floor=150) == 1150 and pc.episodes(2, floor=150) == 150
+    assert PolicyConfig(episodes_per_user=0).episodes(10_000) == 500  # off: the floor
+
+
 @pytest.mark.ray
 def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
     """The job's PPO loop (rl.train.fit, lr and entropy schedules, early stopping on tune
-    users), trained briefly on the contextual world, picks a higher lam for explorers than
-    for focused users, keeps the module with the best tune return, and its saved RLModule
-    loads without the Algorithm."""
+    users), warm-started at the best fixed lam of the tune users (its iteration 0 is exactly
+    that constant, on an env runner actor: the weights reached it), trained briefly on the
+    contextual world, picks a higher lam for explorers than for focused users, keeps an
+    iterate only where it beats the warm start beyond noise, and its saved RLModule loads
+    without the Algorithm."""
+    from rl.ladder import best_fixed
     from rl.policy import MODULE_DIR, LamPolicy, PolicyConfig, write_policy_meta
     from rl.train import fit
 
@@ -257,37 +292,45 @@ def test_ppo_learns_lam_from_the_observation(ray_local, tmp_path):
     )
     assert load_world(path, cfg.types).types.explorer.tolist() == data.types.explorer.tolist()
     train, held = split_users(data.n_users, 0.3, 0)
-    tune = train[::4]  # scored every 3 iterations on the same seeded episodes
+    tune = train[::2]  # scored every 3 iterations on the same seeded episodes
     pc = PolicyConfig(
         iterations=12,
         train_batch_size=1000,
         minibatch_size=200,
         num_epochs=10,
-        lr=3e-3,
+        lr=5e-3,
         entropy_coeff=0.0,
-        num_env_runners=0,
+        num_env_runners=1,  # the job's layout: the warm start is synced to a runner actor
         hidden=[32, 32],
         eval_every=3,
-        patience=2,
+        patience=4,  # the whole run: from the warm start PPO needs ~6 iterations to move
     )
     build, published = tmp_path / "build", str(tmp_path / "policy")
     scored = []
+    warm, grid = best_fixed(data, cfg, tune, 300, 11)
 
-    def on_tune(arm) -> float:
-        scored.append(play(data, cfg, tune, arm, 100, seed=11).returns.mean())
+    def on_tune(arm):
+        scored.append(play(data, cfg, tune, arm, 300, seed=11))
         return scored[-1]
 
-    curve = fit(pc, path, cfg, train, build / MODULE_DIR, select=on_tune)
-    assert [row["iteration"] for row in curve] == list(range(1, len(curve) + 1))
-    assert [r["tune_return"] for r in curve if "tune_return" in r] == scored and scored
+    curve = fit(pc, path, cfg, train, build / MODULE_DIR, select=on_tune, warm_lam=warm)
+    assert [row["iteration"] for row in curve] == list(range(len(curve)))
+    assert curve[0]["warm_start_lam"] == warm
+    assert curve[0]["tune_return"] == grid[warm].returns.mean()  # exactly the constant
+    assert [r["tune_return"] for r in curve if "tune_return" in r] == [
+        r.returns.mean() for r in scored
+    ]
+    (kept,) = [r for r in curve if r.get("kept")]
+    assert kept["iteration"] == 0 or kept["tune_gain_ci95_low"] > 0  # over the warm start
     write_policy_meta(build, cfg, {"algorithm": "PPO"})
     artifacts.publish(build, published, kind="policy", producer="test", config=asdict(pc))
     policy = LamPolicy.load(published)  # as jobs.train_policy publishes and Serve loads it
     env = DiversityEnv(data, cfg)
     obs = np.stack([env.reset(seed=0, options={"user": int(u)})[0] for u in held])
     lam = policy.choose(obs)
-    # the saved module is the best-scoring one: it scores max(scored) on the same episodes
-    assert play(data, cfg, tune, policy.arm(), 100, seed=11).returns.mean() == max(scored)
+    # the saved module is the kept one: it scores the kept row's return on the same episodes
+    assert play(data, cfg, tune, policy.arm(), 300, seed=11).returns.mean() == kept["tune_return"]
+    assert kept["iteration"] > 0 and kept["tune_return"] > curve[0]["tune_return"]
     ex = data.types.explorer[held] > 0.5
     assert lam[ex].mean() > lam[~ex].mean() + 0.3, (lam[ex], lam[~ex])
     # and reading the context pays: it beats the best fixed lam on held-out users
