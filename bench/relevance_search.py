@@ -5,8 +5,9 @@
         [model.x=... train.y=...]
     .venv/bin/python bench/relevance_search.py --table    # the results as a markdown table
 
-Beauty with beauty.yaml (2026-11-29, one thread): ~15-17 min on a quiet machine, valid NDCG@10
-0.0669, test 0.0525, test_unseen 0.0543 (bench/README.md "Relevance search").
+Beauty with beauty.yaml as of 2026-11-29 (one thread): ~15-17 min on a quiet machine, valid
+NDCG@10 0.0669, test 0.0525, test_unseen 0.0543; with its `model.aux_detach: true` of 2026-11-30
+(seed 0): 0.0679, 0.0549, 0.0572 (bench/README.md "Relevance search").
 
 Why not `jobs.train`: it holds Ray and both cores, so a search with it would block everybody.
 This harness trains the same `Recommender` (rec/recommender.py: network, heads, multi-task loss)
