@@ -172,7 +172,7 @@ def warm_start_module(module, lam: float, action_mode: str) -> None:
     grid level (discrete) or the Gaussian's mean at lam (continuous, log std kept)."""
     import torch
 
-    last = [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last = policy_head_layer(module)
     with torch.no_grad():
         last.weight.zero_()
         if action_mode == "discrete":
@@ -181,6 +181,14 @@ def warm_start_module(module, lam: float, action_mode: str) -> None:
             last.bias[int(round(lam * (N_LAM_LEVELS - 1)))] = math.log(WARM_START_PROB)
         else:
             last.bias[0] = float(lam)
+
+
+def policy_head_layer(module):
+    """The last Linear layer of a PPO RLModule's policy head (`module.pi`): its outputs are
+    the action logits (discrete) or the Gaussian's parameters (continuous)."""
+    import torch
+
+    return [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)][-1]
 
 
 def write_policy_meta(policy_dir: Path, env_cfg: EnvConfig, extra: dict) -> Path:

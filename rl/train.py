@@ -39,7 +39,7 @@ from rec.rerank import RerankConfig
 from rl.arms import ArmResult
 from rl.config import EnvConfig
 from rl.ladder import cluster_ci
-from rl.policy import LamPolicy, PolicyConfig, warm_start_module
+from rl.policy import LamPolicy, PolicyConfig, policy_head_layer, warm_start_module
 from rl.world import make_env
 
 log = get_logger("rllib")
@@ -145,10 +145,7 @@ def _single(module):
 
 
 def _head_bias(module) -> np.ndarray:
-    import torch
-
-    last = [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)][-1]
-    return last.bias.detach().cpu().numpy().copy()
+    return policy_head_layer(module).bias.detach().cpu().numpy().copy()
 
 
 def _iteration(algo: Algorithm, it: int) -> dict:
