@@ -43,6 +43,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 from jobs.config import RunConfig  # noqa: E402
 from jobs.training import model_for_data  # noqa: E402  (imports Ray Train, starts no Ray)
 from rec import artifacts, storage  # noqa: E402
@@ -77,6 +79,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="stop training after the epoch that ends past this",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--save", default=None, help="write the best raw weights to DIR/<tag>.safetensors"
+    )
+    p.add_argument(
+        "--ensemble",
+        default=None,
+        help="TAG,TAG,..: score the mean of these saved runs' logits (no training)",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "relevance_search.jsonl"))
     return p.parse_args(argv)
 
@@ -212,6 +222,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     for name, m in variants.items():
         m.load_state_dict(best[name]["state"])
+        if args.save and name == "raw":
+            Path(args.save).mkdir(parents=True, exist_ok=True)
+            save_file(m.state_dict(), str(Path(args.save) / f"{args.tag}.safetensors"))
         test = evaluate(m, length_batches(rows["test"], cfg.train.eval_batch_size), tables, "test")
         scores = best[name]["valid"] | test
         record[name] = {"best_epoch": best[name]["epoch"]} | {
@@ -228,6 +241,65 @@ def run(args: argparse.Namespace) -> dict:
         f.write(json.dumps(record) + "\n")
     summary = {n: {k: round(v, 5) for k, v in record[n].items() if "@10" in k} for n in variants}
     print(json.dumps({"tag": args.tag, "minutes": record["minutes"], **summary}, indent=1))
+    return record
+
+
+class Ensemble(torch.nn.Module):
+    """Mean of members' next-item logits. For dot-product members this is itself one
+    dot-product model: [h_1 .. h_K] . [e_1 .. e_K] / K (the repeat logits averaged too)."""
+
+    def __init__(self, members: list[Recommender]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    @torch.no_grad()
+    def score_next(self, batch: Batch) -> torch.Tensor:
+        return torch.stack([m.score_next(batch) for m in self.members]).mean(0)
+
+
+def ensemble(args: argparse.Namespace) -> dict:
+    """Valid and test metrics of the mean logits of saved runs (`--save` of each tag)."""
+    torch.set_num_threads(args.threads)
+    tags = args.ensemble.split(",")
+    records = {}
+    for line in Path(args.out).read_text().splitlines():
+        r = json.loads(line)
+        if r["tag"] in tags and r.get("kind") != "ensemble":
+            records[r["tag"]] = r  # the last record of a tag wins
+    missing = [t for t in tags if t not in records]
+    if missing:
+        raise SystemExit(f"--ensemble: no record for {missing} in {args.out}")
+    cfg, tables, rows, _ = load(args)
+    members = []
+    for tag in tags:
+        # The member's model is rebuilt from --config plus that run's own overrides.
+        member = load_config(RunConfig, args.config, records[tag]["overrides"]).model
+        model = build_recommender(model_for_data(member, tables.meta), tables)
+        model.load_state_dict(load_file(str(Path(args.save) / f"{tag}.safetensors")))
+        members.append(model.eval())
+    ens = Ensemble(members)
+    bs = cfg.train.eval_batch_size
+    scores = evaluate(ens, length_batches(rows["valid"], bs), tables, "valid")
+    scores |= evaluate(ens, length_batches(rows["test"], bs), tables, "test")
+    record = {
+        "tag": args.tag or "ens_" + "+".join(tags),
+        "kind": "ensemble",
+        "members": tags,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "overrides": [f"ensemble of {' '.join(tags)}"],
+        "seed": [records[t]["seed"] for t in tags],
+        "epochs_run": 0,
+        "minutes": 0.0,
+        "raw": {"best_epoch": 0}
+        | {
+            f"{split}.{k}": scores[f"{split}.{k}"]
+            for split in ("valid", "valid_unseen", "test", "test_unseen")
+            for k in KEEP
+        },
+    }
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps({k: round(v, 5) for k, v in record["raw"].items() if "@10" in k}, indent=1))
     return record
 
 
@@ -258,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if args.table:
         print(table(args.out))
+        return 0
+    if args.ensemble:
+        if not args.save:
+            raise SystemExit("--ensemble reads the members' weights from --save DIR")
+        ensemble(args)
         return 0
     if not args.tag:
         raise SystemExit("--tag is required to train")

@@ -107,8 +107,9 @@ def load_export(
 
 
 def plain_llama(cfg: ModelConfig) -> bool:
-    """Whether the decoder is a plain Llama, so that `save_hf_backbone` can write it."""
-    return cfg.freq_mix == 0
+    """Whether the decoder is one plain Llama, so that `save_hf_backbone` can write it (an
+    ensemble, `model.members` > 1, has one decoder per tower)."""
+    return cfg.freq_mix == 0 and cfg.members == 1
 
 
 def save_hf_backbone(export_dir: str | Path) -> Path:

@@ -34,6 +34,14 @@ contrastive (an auxiliary view of the same sequence; DuoRec's unsupervised objec
     each sequence's last position. InfoNCE with the other sequences of the batch (both views)
     as negatives, cosine similarity / `contrastive_temperature`, symmetric. See
     `contrastive_loss`.
+future (the items after the next one; PinnerFormer's dense targets, here within a window)
+    the interest logits at (b, t) (same softmax, repeat logit included) also score
+    y_k = targets[b, t + k - 1] for k = 2..`future_steps`: mean over the (position, k) pairs
+    that exist of -log softmax(...)[y_k]. Full softmax only. See `future_targets`.
+attributes (the next item's attributes; S3-Rec's associated-attribute task, made causal)
+    logits h_t . a_j over the category table a (the table item vectors average), target the
+    uniform distribution over y's attributes; cross-entropy averaged over positions whose
+    target has any attribute. See `attribute_loss`.
 total
     sum_k w_k L_k, or with uncertainty weighting (Kendall et al. 2018)
     sum_k w_k (exp(-s_k) L_k + s_k / 2) with learned s_k = log sigma_k^2.
@@ -45,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASKS = ("interest", "relevance", "diversity", "contrastive")
+TASKS = ("interest", "relevance", "diversity", "contrastive", "future", "attributes")
 
 
 def diversity_targets(
@@ -71,6 +79,26 @@ def diversity_targets(
     return new.float()  # (B, T)
 
 
+def interest_full_logits(
+    h: torch.Tensor,
+    item_table: torch.Tensor,
+    temperature: float,
+    history: torch.Tensor | None = None,
+    repeat_logit: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Interest logits over all items (P, N), column j = item j + 1. h: (P, D), item_table:
+    (N + 1, D); history: (P, T) item ids each position may repeat (0 = none), repeat_logit:
+    () scalar added to those items."""
+    # Scaling h, not the (P, N) logits, saves a full pass over the largest tensor; dropping
+    # row 0 is the same as a -inf padding column without materialising it.
+    logits = (h / temperature) @ item_table[1:].T  # (P, N)
+    if repeat_logit is not None and history is not None:
+        rows, cols = _unique_pairs(history)
+        # In place on the largest tensor: matmul's backward does not need its output.
+        logits.index_put_((rows, cols - 1), repeat_logit.expand(len(rows)), accumulate=True)
+    return logits
+
+
 def interest_full_loss(
     h: torch.Tensor,
     item_table: torch.Tensor,
@@ -80,17 +108,52 @@ def interest_full_loss(
     repeat_logit: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax cross-entropy over all items. h: (P, D), item_table: (N + 1, D), targets: (P,);
-    history: (P, T) item ids each position may repeat (0 = none), repeat_logit: () scalar;
-    label_smoothing: mass spread uniformly over all items (F.cross_entropy's)."""
-    # Scaling h, not the (P, N) logits, saves a full pass over the largest tensor; dropping
-    # row 0 is the same as a -inf padding column without materialising it.
-    logits = (h / temperature) @ item_table[1:].T  # (P, N)
-    if repeat_logit is not None and history is not None:
-        rows, cols = _unique_pairs(history)
-        # In place on the largest tensor: matmul's backward does not need its output.
-        logits.index_put_((rows, cols - 1), repeat_logit.expand(len(rows)), accumulate=True)
+    """Softmax cross-entropy over all items. targets: (P,); label_smoothing: mass spread
+    uniformly over all items (F.cross_entropy's); the rest as `interest_full_logits`."""
+    logits = interest_full_logits(h, item_table, temperature, history, repeat_logit)
     return F.cross_entropy(logits, targets - 1, label_smoothing=label_smoothing)
+
+
+def future_targets(targets: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, T) next-item targets (0 = none) -> (B, T, steps - 1): at (b, t) the items 2..steps
+    events ahead, targets[b, t + k - 1] for k = 2..steps (0 past the end of the sequence).
+
+    Targets are left-padded and contiguous, so shifting the row left by k - 1 is "k ahead".
+    """
+    return torch.stack([F.pad(targets[:, k:], (0, k)) for k in range(1, steps)], dim=-1)
+
+
+def future_loss(logits: torch.Tensor, ahead: torch.Tensor) -> torch.Tensor:
+    """Mean -log softmax(logits)[y_k] over the (position, k) pairs with a target.
+
+    logits: (P, N) interest logits (column j = item j + 1); ahead: (P, K) item ids, 0 = none.
+    """
+    valid = ahead > 0  # (P, K)
+    if not bool(valid.any()):
+        return logits.sum() * 0.0  # keeps the graph (and DeepSpeed's gradient hooks) whole
+    logp = logits.log_softmax(-1).gather(1, (ahead - 1).clamp(min=0))  # (P, K)
+    return -(logp * valid).sum() / valid.sum()
+
+
+def attribute_loss(
+    h: torch.Tensor, attribute_table: torch.Tensor, wanted: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of softmax(h . a_j) against the uniform distribution over each target's
+    attributes. h: (P, D); attribute_table: (C + 1, D), row 0 padding; wanted: (P, A)
+    attribute ids of each position's target item, 0 = none. Positions whose target has no
+    attribute are left out."""
+    has = (wanted > 0).any(-1)  # (P,)
+    if not bool(has.any()):
+        return h.sum() * 0.0
+    logp = (h[has] @ attribute_table[1:].T).log_softmax(-1)  # (P', C)
+    want = wanted[has]  # (P', A)
+    # Multi-hot over 1..C (duplicates count once), normalised to a distribution per row. Added,
+    # not written: a padding slot's 0 must not overwrite attribute 1 in the same column.
+    hits = torch.zeros_like(logp).scatter_add_(
+        1, (want - 1).clamp(min=0), (want > 0).to(logp.dtype)
+    )
+    hot = (hits > 0).to(logp.dtype)  # (P', C)
+    return -((hot / hot.sum(-1, keepdim=True)) * logp).sum(-1).mean()
 
 
 def contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -64,6 +64,12 @@ class LossWeights:
     relevance: float = 0.5  # P(strong engagement) BCE
     diversity: float = 0.2  # P(next item opens a new category) BCE
     contrastive: float = 0.0  # two dropout views of a sequence agree (rec.heads.contrastive_loss)
+    # The interest softmax also scores the items 2..`future_steps` events ahead (full softmax
+    # only; rec.heads.future_loss): dense targets for short, loosely ordered sequences.
+    future: float = 0.0
+    # The next item's attributes (categories, brand) predicted from h_t over the category
+    # table (rec.heads.attribute_loss; S3-Rec's associated-attribute task, causal).
+    attributes: float = 0.0
 
 
 @dataclass
@@ -91,6 +97,7 @@ class ModelConfig:
     temperature: float = 1.0  # interest logits are h . e / temperature
     label_smoothing: float = 0.0  # full softmax only: target mass spread over all items
     contrastive_temperature: float = 1.0  # loss_weights.contrastive > 0: cosine / this
+    future_steps: int = 3  # loss_weights.future > 0: targets 2..this many events ahead
     relevance_mode: Literal["auto", "graded", "sampled"] = "auto"  # auto: graded iff engaged data
     relevance_negatives: int = 1  # relevance "sampled": random negatives per positive
     diversity_window: int = 10  # "new category" = not among the last this many input items
@@ -110,6 +117,10 @@ class ModelConfig:
     # Dropout on each layer's attention and MLP outputs before the residual add (rec/layers.py:
     # ResidualDropout; SASRec's placement). 0: off, Llama's own behaviour.
     residual_dropout: float = 0.0
+    # Independent towers (a deep ensemble in one model, rec/ensemble.py): each tower is this
+    # whole network with its own initialisation and dropout, trained on its own interest loss;
+    # their interest logits are averaged. 1: one network (SeqRecModel itself).
+    members: int = 1
 
     def __post_init__(self) -> None:
         if self.size not in SIZE_PRESETS:
@@ -124,7 +135,14 @@ class ModelConfig:
                 f"model.hidden_size={arch.hidden_size!r} is not divisible by "
                 f"model.n_heads={arch.n_heads!r}"
             )
-        names = ("max_len", "n_negatives", "relevance_negatives", "diversity_window")
+        names = (
+            "max_len",
+            "n_negatives",
+            "relevance_negatives",
+            "diversity_window",
+            "future_steps",
+            "members",
+        )
         for name in (*names, "sampled_above_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -146,9 +164,19 @@ class ModelConfig:
                 f"model.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
             )
         weights = self.loss_weights
-        for name in ("interest", "relevance", "diversity", "contrastive"):
+        for name in ("interest", "relevance", "diversity", "contrastive", "future", "attributes"):
             if getattr(weights, name) < 0:
                 raise ValueError(f"model.loss_weights.{name} must be >= 0")
+        if weights.future > 0 and (self.future_steps < 2 or weights.interest <= 0):
+            raise ValueError(
+                "model.loss_weights.future > 0 needs model.future_steps >= 2 and the interest "
+                f"task on, got future_steps={self.future_steps!r}"
+            )
+        if weights.attributes > 0 and (not self.use_categories or self.members > 1):
+            raise ValueError(
+                "model.loss_weights.attributes > 0 needs model.use_categories=true and "
+                f"model.members=1, got members={self.members!r}"
+            )
 
     def architecture(self) -> SizePreset:
         """The preset for `size` with the non-null overrides applied."""
@@ -221,7 +249,15 @@ def llama_config(cfg: ModelConfig) -> LlamaConfig:
 class SeqRecModel(nn.Module):
     """Left-padded event sequences -> causal hidden states `(B, T, D)` after a final RMSNorm."""
 
-    def __init__(self, cfg: ModelConfig, dims: DataDims, item_categories: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dims: DataDims,
+        item_categories: torch.Tensor,
+        persistent: bool = True,
+    ) -> None:
+        """persistent=False: `item_categories` stays out of the state dict (an ensemble's
+        towers share their owner's table, rec/ensemble.py)."""
         super().__init__()
         expected = dims.n_items + 1
         shape = tuple(item_categories.shape)
@@ -231,7 +267,9 @@ class SeqRecModel(nn.Module):
         d = cfg.architecture().hidden_size
         # (n_items + 1, C) int64: category indices per item, 0 = none; saved with the weights
         # because serving needs the same item table.
-        self.register_buffer("item_categories", item_categories.to(torch.long))
+        self.register_buffer(
+            "item_categories", item_categories.to(torch.long), persistent=persistent
+        )
         self.item_emb = nn.Embedding(dims.n_items + 1, d, padding_idx=0)
         # mode="mean" with padding_idx averages only an item's real categories (none -> zeros).
         # Tables an ablation switches off are not built: ZeRO wants no unused parameters.
@@ -327,15 +365,22 @@ def _millions(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def model_summary(model: SeqRecModel, total: nn.Module | None = None) -> str:
-    """One line for the trainer's log: shape, data sizes, parameter counts."""
+def model_summary(model: nn.Module, total: nn.Module | None = None) -> str:
+    """One line for the trainer's log: shape, data sizes, parameter counts (an ensemble's:
+    its first tower's shape, counts summed over the towers)."""
+    towers = list(getattr(model, "towers", [model]))
+    total = total if total is not None else model
+    model = towers[0]
     arch, dims = model.cfg.architecture(), model.dims
-    n_total = count_parameters(total if total is not None else model)
-    n_backbone = count_parameters(model.backbone)
+    n_total = count_parameters(total)
+    n_backbone = sum(count_parameters(t.backbone) for t in towers)
     cats = model.category_emb
-    n_items = model.item_emb.weight.numel() + (cats.weight.numel() if cats is not None else 0)
+    n_items = len(towers) * (
+        model.item_emb.weight.numel() + (cats.weight.numel() if cats is not None else 0)
+    )
     return (
-        f"SeqRecModel size={model.cfg.size} hidden={arch.hidden_size} layers={arch.n_layers} "
+        f"SeqRecModel size={model.cfg.size} members={len(towers)} hidden={arch.hidden_size} "
+        f"layers={arch.n_layers} "
         f"heads={arch.n_heads} ffn={arch.ffn_size} max_len={model.cfg.max_len} "
         f"items={dims.n_items} categories={dims.n_categories} params={_millions(n_total)} "
         f"(backbone {_millions(n_backbone)}, item+category tables {_millions(n_items)})"

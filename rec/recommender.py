@@ -1,6 +1,7 @@
 """`Recommender`: one model, several roles, over the network of `rec.model`.
 
-The wrapper holds the network (`SeqRecModel`), the task heads and the losses of `rec.heads`:
+The wrapper holds the network (`SeqRecModel`, or K of them as a `rec.ensemble.TowerEnsemble`
+with the same interface), the task heads and the losses of `rec.heads`:
 
     rec = build_recommender(cfg, load_item_tables("data/beauty"))
     total, metrics = rec(batch)       # training: the multi-task loss (what DeepSpeed calls)
@@ -32,22 +33,25 @@ from torch import nn
 from rec.data.batch import Batch, trim_padding
 from rec.data.schema import ENGAGED_TOKENS
 from rec.data.splits import ItemTables
+from rec.ensemble import build_network
 from rec.heads import (
     DiversityHead,
     MultiTaskLoss,
     RelevanceHead,
+    attribute_loss,
     causal_history,
     contrastive_loss,
     diversity_targets,
+    future_loss,
+    future_targets,
     in_history,
-    interest_full_loss,
+    interest_full_logits,
     interest_sampled_loss,
     relevance_sampled_loss,
 )
 from rec.model import (
     DataDims,
     ModelConfig,
-    SeqRecModel,
     resolve_interest_loss,
     resolve_relevance_mode,
 )
@@ -62,7 +66,7 @@ class Recommender(nn.Module):
     def __init__(self, cfg: ModelConfig, dims: DataDims, item_categories: torch.Tensor) -> None:
         super().__init__()
         self.cfg, self.dims = cfg, dims
-        self.model = SeqRecModel(cfg, dims, item_categories)
+        self.model = build_network(cfg, dims, item_categories)  # one network or K towers
         d = self.model.hidden_size
         self.relevance_head = RelevanceHead(d)
         self.diversity_head = DiversityHead(d)
@@ -71,6 +75,12 @@ class Recommender(nn.Module):
         )
         self.relevance_mode = resolve_relevance_mode(cfg, dims)
         self.interest_loss = resolve_interest_loss(cfg, dims)  # "auto" -> by catalogue size
+        if (cfg.loss_weights.future > 0 or cfg.members > 1) and self.interest_loss != "full":
+            raise ValueError(
+                "model.loss_weights.future and model.members > 1 need the full softmax; this "
+                f"catalogue resolves model.interest_loss={cfg.interest_loss!r} to "
+                f"{self.interest_loss!r}"
+            )
         # The repeat-consumption logit r (rec.heads docstring); starts neutral.
         # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
         self.repeat_logit = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
@@ -121,7 +131,18 @@ class Recommender(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         if weights.interest > 0:
             history = causal_history(batch.items, mask) if self.repeat_logit is not None else None
-            losses["interest"] = self._interest_loss(h, target_vecs, targets, table, history)
+            if table is not None:
+                ahead = (
+                    future_targets(batch.targets, self.cfg.future_steps)[mask]  # (P, K)
+                    if weights.future > 0
+                    else None
+                )
+                losses |= self._full_interest_losses(h, table, targets, history, ahead)
+            else:
+                losses["interest"] = self._interest_loss(h, target_vecs, targets, history)
+        if weights.attributes > 0:  # shapes the backbone and the category table, like interest
+            wanted = self.model.item_categories[targets]  # (P, C)
+            losses["attributes"] = attribute_loss(h, self.model.category_emb.weight, wanted)
         if weights.contrastive > 0:  # a second view: the same batch under fresh dropout
             view = self.model(batch, table)[:, -1]  # (B, D), last position (left padding)
             losses["contrastive"] = contrastive_loss(
@@ -140,19 +161,41 @@ class Recommender(nn.Module):
             losses["diversity"] = F.binary_cross_entropy_with_logits(logits, labels)
         return self.multitask(losses)
 
+    def _full_interest_losses(
+        self,
+        h: torch.Tensor,
+        table: torch.Tensor,
+        targets: torch.Tensor,
+        history: torch.Tensor | None,
+        ahead: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """Full-softmax interest (and future) losses, each the mean over the towers of an
+        ensemble (rec/ensemble.py: every tower learns on its own softmax), or of the one
+        network. h: (P, D), table: (N + 1, D) as the network returns them."""
+        if self.cfg.members > 1:
+            pairs = zip(self.model.towers_of(h), self.model.towers_of(table), strict=True)
+        else:
+            pairs = [(h, table)]
+        out: dict[str, list[torch.Tensor]] = {"interest": [], "future": []}
+        for h_k, table_k in pairs:
+            logits = interest_full_logits(
+                h_k, table_k, self.cfg.temperature, history, self.repeat_logit
+            )  # (P, N)
+            out["interest"].append(
+                F.cross_entropy(logits, targets - 1, label_smoothing=self.cfg.label_smoothing)
+            )
+            if ahead is not None:
+                out["future"].append(future_loss(logits, ahead))
+        return {name: torch.stack(terms).mean() for name, terms in out.items() if terms}
+
     def _interest_loss(
         self,
         h: torch.Tensor,
         target_vecs: torch.Tensor,
         targets: torch.Tensor,
-        table: torch.Tensor | None,
         history: torch.Tensor | None,
     ) -> torch.Tensor:
-        if table is not None:
-            return interest_full_loss(
-                h, table, targets, self.cfg.temperature, history, self.repeat_logit,
-                self.cfg.label_smoothing,
-            )  # fmt: skip
+        """The sampled-softmax interest loss (the full softmax is computed in `loss`)."""
         neg_ids = torch.multinomial(self.log_q.exp(), self.cfg.n_negatives, replacement=True)
         neg_vecs = self.model.item_vectors(neg_ids)  # (K, D)
         return interest_sampled_loss(
