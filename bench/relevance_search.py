@@ -4,6 +4,8 @@
         [--config jobs/configs/beauty.yaml] [--prepared DIR] [--ema 0.995] [--max-minutes M] \
         [model.x=... train.y=...]
     .venv/bin/python bench/relevance_search.py --table    # the results as a markdown table
+    ... --tag T --save DIR [overrides]                    # also keep the best weights
+    .venv/bin/python bench/relevance_search.py --ensemble T1,T2 --save DIR   # mean logits
 
 Beauty with beauty.yaml as of 2026-11-29 (one thread): ~15-17 min on a quiet machine, valid
 NDCG@10 0.0669, test 0.0525, test_unseen 0.0543; with its `model.aux_detach: true` of 2026-11-30
