@@ -46,10 +46,6 @@ class TowerEnsemble(nn.Module):
     def hidden_size(self) -> int:
         return sum(t.hidden_size for t in self.towers)
 
-    @property
-    def category_emb(self) -> None:
-        return None  # per tower; the attribute task refuses ensembles (ModelConfig)
-
     def item_vectors(self, idx: torch.Tensor) -> torch.Tensor:
         """Item indices `(...)` -> `(..., K * D)`: the towers' item vectors, concatenated."""
         return torch.cat([t.item_vectors(idx) for t in self.towers], dim=-1) * self.scale

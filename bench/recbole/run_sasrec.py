@@ -165,7 +165,7 @@ def train(config, args):
     return model, dataset, valid_data, test_data, history, train_s, stopped, dict(recbole_test)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stopping-step", type=int, default=10, help="RecBole's early-stop patience")
     ap.add_argument("--checkpoint", default=None, help="skip training: score this .pth")
     ap.add_argument("--out", default=str(ROOT / "bench/results/recbole_sasrec_beauty.json"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(1)
     from recbole.config import Config
 
