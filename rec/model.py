@@ -102,8 +102,12 @@ class ModelConfig:
     relevance_negatives: int = 1  # relevance "sampled": random negatives per positive
     diversity_window: int = 10  # "new category" = not among the last this many input items
     # Learn one logit added to the interest score of items already in the sequence (repeat
-    # consumption): the data sets its sign (Beauty: about -2.5; repeating sequences: > 0).
+    # consumption): the data sets its sign (Beauty, which has no repeats: far below 0, history
+    # items all but excluded; repeating sequences: > 0).
     repeat_bias: bool = True
+    # r = repeat_scale * a raw parameter, so Adam moves r repeat_scale times faster than a weight
+    # (Recommender.repeat_logit says why); 1 is the plain parameter of before 2026-11-30.
+    repeat_scale: float = 10.0
     loss_weights: LossWeights = field(default_factory=LossWeights)  # per-task weights
     uncertainty_weighting: bool = False  # learn log sigma^2 per task (Kendall et al. 2018)
     # The relevance and diversity heads learn from detached hidden states and item vectors: their
@@ -121,6 +125,10 @@ class ModelConfig:
     # whole network with its own initialisation and dropout, trained on its own interest loss;
     # their interest logits are averaged. 1: one network (SeqRecModel itself).
     members: int = 1
+    # With members > 1: each tower learns from its own batch order of the training rows
+    # (rec.data.batch.tower_batches), as separately seeded runs would, instead of all towers
+    # sharing every batch. The heads then learn from tower 0's batches on detached states.
+    tower_orders: bool = False
 
     def __post_init__(self) -> None:
         if self.size not in SIZE_PRESETS:
@@ -156,7 +164,7 @@ class ModelConfig:
             )
         if self.freq_window < 1:
             raise ValueError(f"model.freq_window must be >= 1, got {self.freq_window!r}")
-        for name in ("temperature", "contrastive_temperature"):
+        for name in ("temperature", "contrastive_temperature", "repeat_scale"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -176,6 +184,20 @@ class ModelConfig:
             raise ValueError(
                 "model.loss_weights.attributes > 0 needs model.use_categories=true and "
                 f"model.members=1, got members={self.members!r}"
+            )
+
+        if self.tower_orders:
+            self._check_tower_orders()
+
+    def _check_tower_orders(self) -> None:
+        weights = self.loss_weights
+        others = {"future": weights.future, "contrastive": weights.contrastive}
+        others["attributes"] = weights.attributes
+        if self.members < 2 or not self.aux_detach or any(v > 0 for v in others.values()):
+            raise ValueError(
+                "model.tower_orders needs model.members >= 2, model.aux_detach=true and the "
+                f"loss weights future, contrastive, attributes at 0; got members={self.members}"
+                f", aux_detach={self.aux_detach}, {others}"
             )
 
     def architecture(self) -> SizePreset:

@@ -81,15 +81,34 @@ class Recommender(nn.Module):
                 f"catalogue resolves model.interest_loss={cfg.interest_loss!r} to "
                 f"{self.interest_loss!r}"
             )
-        # The repeat-consumption logit r (rec.heads docstring); starts neutral.
-        # Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
-        self.repeat_logit = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
+        # The repeat-consumption logit r = repeat_scale * repeat_raw (rec.heads docstring);
+        # starts neutral. Shape (1,), not (): DeepSpeed cannot broadcast 0-dim parameters.
+        self.repeat_raw = nn.Parameter(torch.zeros(1)) if cfg.repeat_bias else None
         engaged = torch.zeros(dims.n_behaviors, dtype=torch.bool)  # (n_behaviors,)
         engaged[[t for t in ENGAGED_TOKENS if t < dims.n_behaviors]] = True
         # Derived from code or data at train time, so kept out of checkpoints and exports.
         self.register_buffer("engaged", engaged, persistent=False)
         self.register_buffer("log_q", torch.zeros(dims.n_items + 1), persistent=False)
         self.set_proposal(torch.zeros(dims.n_items + 1))
+
+    @property
+    def repeat_logit(self) -> torch.Tensor | None:
+        """The learned repeat logit r `(1,)`, or None when `model.repeat_bias` is off.
+
+        Why a scaled parameter: Adam moves a parameter about lr per step whatever its gradient,
+        so a bare scalar can travel only ~sum(lr) over a run (~2.5 for beauty.yaml's 2,200
+        steps): on Beauty, which has no repeats at all, r stalled at -2.5 and history items kept
+        outranking the target under `test.*`. r = repeat_scale * raw travels repeat_scale
+        times as far, while every other weight keeps its step size.
+        """
+        return None if self.repeat_raw is None else self.repeat_raw * self.cfg.repeat_scale
+
+    @torch.no_grad()
+    def set_repeat_logit(self, value: float) -> None:
+        """Set r itself (tests, what-if scoring); raises when the model has no repeat logit."""
+        if self.repeat_raw is None:
+            raise ValueError("this model has no repeat logit (model.repeat_bias is false)")
+        self.repeat_raw.fill_(value / self.cfg.repeat_scale)
 
     def set_proposal(self, counts: torch.Tensor, power: float = 1.0) -> None:
         """Sampled-softmax proposal q(i) proportional to (counts[i] + 1) ** power, i >= 1.
@@ -108,12 +127,17 @@ class Recommender(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Batch | list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
         """The training role (what DeepSpeed's engine calls): `loss(batch)`."""
         return self.loss(batch)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats)."""
+    def loss(self, batch: Batch | list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats).
+
+        A list of `model.members` batches (`train.tower_orders`): each tower of the ensemble
+        learns its interest softmax from its own batch (`_tower_batches_losses`)."""
+        if not isinstance(batch, Batch):
+            return self.multitask(self._tower_batches_losses(batch))
         batch = trim_padding(batch)
         mask = batch.targets > 0  # (B, T)
         if not bool(mask.any()):
@@ -150,6 +174,14 @@ class Recommender(nn.Module):
             )
         if self.cfg.aux_detach:  # the auxiliary heads read the states; gradients stop here
             h, target_vecs = h.detach(), target_vecs.detach()
+        return self.multitask(losses | self._head_losses(batch, mask, h, target_vecs))
+
+    def _head_losses(
+        self, batch: Batch, mask: torch.Tensor, h: torch.Tensor, target_vecs: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The relevance and diversity heads' losses at the batch's target positions `mask`
+        (B, T): h (P, D) the states there, target_vecs (P, D) the targets' item vectors."""
+        weights, targets, losses = self.cfg.loss_weights, batch.targets[mask], {}
         if weights.relevance > 0:
             behaviors = batch.target_behaviors[mask]  # (P,)
             losses["relevance"] = self._relevance_loss(h, target_vecs, targets, behaviors)
@@ -159,7 +191,42 @@ class Recommender(nn.Module):
             )[mask]  # (P,)
             logits = self.diversity_head(h)  # (P,)
             losses["diversity"] = F.binary_cross_entropy_with_logits(logits, labels)
-        return self.multitask(losses)
+        return losses
+
+    def _tower_batches_losses(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+        """One batch per tower: tower k's interest softmax on batches[k], so the towers see
+        the data in K independent orders, as separately seeded runs would (without it they
+        share every batch and differ only in initialisation and dropout). The heads learn
+        from batches[0], on the detached states of every tower (`model.aux_detach`, required).
+        The towers' interest losses are averaged, as on one shared batch."""
+        if len(batches) != self.cfg.members or self.cfg.members < 2:
+            raise ValueError(
+                f"{len(batches)} batches for model.members={self.cfg.members}: per-tower "
+                "batches need an ensemble (members >= 2) and one batch per tower"
+            )
+        table = self.model.item_embeddings()  # (N + 1, K * D), once per step
+        terms = []
+        for tower, own, table_k in zip(
+            self.model.towers, batches, self.model.towers_of(table), strict=True
+        ):
+            own = trim_padding(own)
+            mask = own.targets > 0  # (B, T)
+            if not bool(mask.any()):
+                raise ValueError("batch has no targets (targets are all 0)")
+            h = tower(own, table_k)[mask]  # (P, D)
+            history = causal_history(own.items, mask) if self.repeat_logit is not None else None
+            logits = interest_full_logits(
+                h, table_k, self.cfg.temperature, history, self.repeat_logit
+            )  # (P, N)
+            targets = own.targets[mask] - 1
+            terms.append(F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing))
+        losses = {"interest": torch.stack(terms).mean()}
+        first = trim_padding(batches[0])
+        mask = first.targets > 0
+        with torch.no_grad():  # the heads' input: every tower's state, gradients stopped
+            h = self.model(first, table.detach())[mask]  # (P, K * D)
+            target_vecs = F.embedding(first.targets[mask], table.detach())  # (P, K * D)
+        return losses | self._head_losses(first, mask, h, target_vecs)
 
     def _full_interest_losses(
         self,

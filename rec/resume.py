@@ -44,6 +44,13 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch])
 
 
+def tower_rng(seed: int, epoch: int, tower: int) -> np.random.Generator:
+    """The batch order of tower `tower` of an ensemble (`model.tower_orders`): tower 0 takes
+    the run's own `epoch_rng`, every other tower an independent order of (seed, epoch, tower),
+    the same on every rank and attempt."""
+    return epoch_rng(seed, epoch) if tower == 0 else np.random.default_rng([seed, epoch, tower])
+
+
 def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
     """torch's seed for micro-batch `batch` of `epoch` on `rank` (dropout, sampled negatives):
     independent across ranks and batches, and the same after a restart."""

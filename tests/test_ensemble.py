@@ -23,7 +23,7 @@ def test_scores_are_the_mean_of_the_towers_own_scores() -> None:
     rec = tiny_recommender(seed=4, members=3).eval()
     assert isinstance(rec.model, TowerEnsemble) and len(rec.model.towers) == 3
     with torch.no_grad():
-        rec.repeat_logit.fill_(-1.5)  # the shared repeat logit enters every tower's score
+        rec.set_repeat_logit(-1.5)  # the shared repeat logit enters every tower's score
     batch = make_batch(random_sequences(5, seed=3), max_len=12)
     scores = rec.score_next(batch)  # (B, N + 1)
     per_tower = []

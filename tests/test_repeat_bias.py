@@ -86,6 +86,29 @@ def test_the_model_learns_that_repeats_are_rare_or_common() -> None:
         assert abs(float(scores[row, item] - base[row, item]) - extra) < 1e-4
 
 
+def test_repeat_scale_lets_adam_move_r_that_many_times_as_far() -> None:
+    """r = repeat_scale * raw: Adam steps raw by ~lr whatever the gradient, so after the same
+    steps on never-repeating sequences r has travelled ~repeat_scale times as far (the reason
+    for the scale: a bare scalar stalls at ~sum(lr)). Every other weight is unaffected."""
+    seqs = [list(dict.fromkeys(s)) for s in random_sequences(16, seed=1)]
+    batch = make_batch(seqs, 12)
+    travelled = {}
+    for scale in (1.0, 10.0):
+        model = tiny_recommender(seed=0, repeat_scale=scale)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        for _ in range(20):
+            loss, _ = model.loss(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        travelled[scale] = -float(model.repeat_logit.detach())
+    assert 0.1 < travelled[1.0] <= 0.2 + 1e-6, travelled  # ~lr a step, 20 steps
+    assert travelled[10.0] > 8 * travelled[1.0], travelled
+    model.set_repeat_logit(-4.0)
+    assert abs(float(model.repeat_logit.detach()) + 4.0) < 1e-6
+    assert abs(float(model.repeat_raw.detach()) + 0.4) < 1e-7  # what the optimiser, export hold
+
+
 def test_sampled_loss_subtracts_log_q_by_hand() -> None:
     """Non-uniform proposal: each logit is h.e / tau - log q (the logQ correction, Yi et al.
     2019), a negative equal to the target is masked. A flipped sign or a dropped correction

@@ -36,7 +36,7 @@ def _model_and_rows(seed: int = 0):
     dims = DataDims(n_items=N_ITEMS, n_categories=6)
     model = Recommender(cfg, dims, make_categories(N_ITEMS, seed)).eval()
     with torch.no_grad():
-        model.repeat_logit.fill_(0.8)  # the repeat logit must be scored in every chunk
+        model.set_repeat_logit(0.8)  # the repeat logit must be scored in every chunk
     gen = torch.Generator().manual_seed(seed)
     seqs = []
     for _ in range(70):

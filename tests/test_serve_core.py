@@ -93,7 +93,7 @@ def test_retrieval_ranks_by_score_next(parts, exclude_seen: bool) -> None:
     model, catalog, _ = parts
     model = copy.deepcopy(model)
     with torch.no_grad():  # the untrained export has r = 0; a large r lifts history items
-        model.repeat_logit.fill_(3.0)
+        model.set_repeat_logit(3.0)
     hists = [np.array([3, 8, 12]), np.array([40])]
     excludes = hists if exclude_seen else [None, None]
     got = QueryTower(model, catalog.behavior).retrieve(hists, excludes, n=30)

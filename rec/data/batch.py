@@ -189,6 +189,23 @@ def length_batches(
             yield offset + parts[j], rows.take(parts[j])
 
 
+def tower_batches(
+    rows: Batch, batch_size: int, rngs: list[np.random.Generator], bucket_rows: int | None = None
+) -> Iterator[tuple[np.ndarray, list[Batch]]]:
+    """`length_batches` in one order per generator, zipped step by step: (idx of the first
+    order's batch, [one batch per order]). For an ensemble whose towers each learn from their
+    own order of the same rows (`model.tower_orders`). Rows in memory only: a stream cannot
+    be read in several orders at once. Every order has the same number of batches (bucket
+    sizes do not depend on the permutation)."""
+    if not isinstance(rows, Batch):
+        raise ValueError(
+            "per-tower batch orders need the rows in memory (train.shard_in_memory=true)"
+        )
+    orders = [length_batches(rows, batch_size, rng, bucket_rows) for rng in rngs]
+    for step in zip(*orders, strict=True):
+        yield step[0][0], [batch for _, batch in step]
+
+
 def _buckets(
     source: Batch | Iterable[Batch], rng: np.random.Generator | None, bucket_rows: int | None
 ) -> Iterator[tuple[int, Batch, np.ndarray]]:
