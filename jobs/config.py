@@ -86,3 +86,8 @@ class RunConfig:
         # rerank.n_candidates is checked when serving starts (`ServeConfig.check_rerank`), so
         # that other jobs may lower n_candidates without touching the serve section.
         self.frontier.measured(self.rerank)  # frontier.k <= rerank.n_candidates
+        if self.model.tower_orders and not self.train.shard_in_memory:
+            raise ValueError(
+                "model.tower_orders reads the rows in one order per tower: it needs "
+                "train.shard_in_memory=true"
+            )

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.config import RunConfig
+from rec.config_loader import load_config
 from rec.data.batch import Batch, length_batches, tower_batches
 from rec.model import ModelConfig
 from rec.resume import epoch_rng, tower_rng
@@ -79,3 +81,7 @@ def test_tower_orders_refuses_what_it_cannot_train() -> None:
     model = tiny_recommender(seed=0, members=2, aux_detach=True, tower_orders=True)
     with pytest.raises(ValueError, match="one batch per tower"):
         model.loss([rows(4)])
+    over = ["model.members=2", "model.aux_detach=true", "model.tower_orders=true"]
+    with pytest.raises(ValueError, match="shard_in_memory"):
+        load_config(RunConfig, None, [*over, "train.shard_in_memory=false"])
+    assert load_config(RunConfig, None, over).model.tower_orders
