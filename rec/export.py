@@ -101,6 +101,8 @@ def load_export(
     key = "model.item_categories"
     if key not in tensors:
         raise ValueError(f"{str(path)!r} has no {key!r} tensor")
+    if "repeat_logit" in tensors:  # exports before 2026-11-30 hold r itself (no repeat_scale)
+        tensors["repeat_raw"] = tensors.pop("repeat_logit") / cfg.repeat_scale
     recommender = Recommender(cfg, dims, tensors[key]).to(device)
     recommender.load_state_dict(tensors, strict=True)
     return recommender.eval()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
+from rec.export import WEIGHTS_FILE, load_export, save_export
 from rec.heads import causal_history, in_history, interest_full_loss, interest_sampled_loss
 from tests.test_model import make_batch, random_sequences, tiny_recommender
 
@@ -107,6 +111,21 @@ def test_repeat_scale_lets_adam_move_r_that_many_times_as_far() -> None:
     model.set_repeat_logit(-4.0)
     assert abs(float(model.repeat_logit.detach()) + 4.0) < 1e-6
     assert abs(float(model.repeat_raw.detach()) + 0.4) < 1e-7  # what the optimiser, export hold
+
+
+def test_an_export_that_holds_r_itself_still_loads(tmp_path: Path) -> None:
+    """Exports written before `repeat_scale` hold r as `repeat_logit`; loading maps it."""
+    model = tiny_recommender(seed=1).eval()
+    model.set_repeat_logit(-3.0)
+    save_export(model, tmp_path / "export")
+    weights = tmp_path / "export" / WEIGHTS_FILE
+    tensors = load_file(str(weights))
+    tensors["repeat_logit"] = tensors.pop("repeat_raw") * model.cfg.repeat_scale  # the old key
+    save_file(tensors, str(weights))
+    back = load_export(tmp_path / "export")
+    assert abs(float(back.repeat_logit) + 3.0) < 1e-5
+    batch = make_batch(random_sequences(4, seed=2), max_len=12)
+    torch.testing.assert_close(back.score_next(batch), model.score_next(batch))
 
 
 def test_sampled_loss_subtracts_log_q_by_hand() -> None:
