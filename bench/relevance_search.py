@@ -51,12 +51,12 @@ from jobs.config import RunConfig  # noqa: E402
 from jobs.training import model_for_data  # noqa: E402  (imports Ray Train, starts no Ray)
 from rec import artifacts, storage  # noqa: E402
 from rec.config_loader import load_config  # noqa: E402
-from rec.data.batch import Batch, collate, length_batches, tower_batches  # noqa: E402
+from rec.data.batch import Batch, collate, length_batches  # noqa: E402
 from rec.data.splits import ItemTables, load_examples, load_item_tables  # noqa: E402
 from rec.evaluation import evaluate  # noqa: E402
 from rec.model import count_parameters  # noqa: E402
 from rec.recommender import Recommender, build_recommender  # noqa: E402
-from rec.resume import batch_seed, epoch_rng, tower_rng  # noqa: E402
+from rec.resume import batch_seed, epoch_batches  # noqa: E402
 from rec.schedule import lr_lambda  # noqa: E402
 from rec.train import count_steps_per_epoch  # noqa: E402
 
@@ -117,11 +117,8 @@ def train_epoch(model, opt, sched, rows: Batch, cfg, epoch: int, ema: Ema | None
     tc = cfg.train
     global_batch = tc.batch_size * tc.num_workers
     bucket = global_batch * tc.length_buckets
-    if cfg.model.tower_orders:  # one order per tower, as rec/train.py
-        rngs = [tower_rng(tc.seed, epoch, k) for k in range(cfg.model.members)]
-        batches = tower_batches(rows, global_batch, rngs, bucket)
-    else:
-        batches = length_batches(rows, global_batch, epoch_rng(tc.seed, epoch), bucket)
+    towers = cfg.model.members if cfg.model.tower_orders else 0  # as rec/train.py
+    batches = epoch_batches(rows, global_batch, tc.seed, epoch, bucket, towers)
     model.train()
     sums: dict[str, float] = {}
     n = 0

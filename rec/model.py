@@ -105,8 +105,7 @@ class ModelConfig:
     # consumption): the data sets its sign (Beauty, which has no repeats: far below 0, history
     # items all but excluded; repeating sequences: > 0).
     repeat_bias: bool = True
-    # r = repeat_scale * a raw parameter, so Adam moves r repeat_scale times faster than a weight
-    # (Recommender.repeat_logit says why); 1 is the plain parameter of before 2026-11-30.
+    # r = repeat_scale * a raw parameter: Adam moves r this many times faster (why: Recommender).
     repeat_scale: float = 10.0
     loss_weights: LossWeights = field(default_factory=LossWeights)  # per-task weights
     uncertainty_weighting: bool = False  # learn log sigma^2 per task (Kendall et al. 2018)
@@ -125,9 +124,8 @@ class ModelConfig:
     # whole network with its own initialisation and dropout, trained on its own interest loss;
     # their interest logits are averaged. 1: one network (SeqRecModel itself).
     members: int = 1
-    # With members > 1: each tower learns from its own batch order of the training rows
-    # (rec.data.batch.tower_batches), as separately seeded runs would, instead of all towers
-    # sharing every batch. The heads then learn from tower 0's batches on detached states.
+    # members > 1: each tower learns from its own batch order (rec.data.batch.tower_batches), as
+    # separate runs would, not all from one; the heads learn from tower 0's, on detached states.
     tower_orders: bool = False
 
     def __post_init__(self) -> None:
@@ -185,15 +183,8 @@ class ModelConfig:
                 "model.loss_weights.attributes > 0 needs model.use_categories=true and "
                 f"model.members=1, got members={self.members!r}"
             )
-
-        if self.tower_orders:
-            self._check_tower_orders()
-
-    def _check_tower_orders(self) -> None:
-        weights = self.loss_weights
-        others = {"future": weights.future, "contrastive": weights.contrastive}
-        others["attributes"] = weights.attributes
-        if self.members < 2 or not self.aux_detach or any(v > 0 for v in others.values()):
+        others = {k: getattr(weights, k) for k in ("future", "contrastive", "attributes")}
+        if self.tower_orders and (self.members < 2 or not self.aux_detach or any(others.values())):
             raise ValueError(
                 "model.tower_orders needs model.members >= 2, model.aux_detach=true and the "
                 f"loss weights future, contrastive, attributes at 0; got members={self.members}"

@@ -134,7 +134,7 @@ class Recommender(nn.Module):
     def loss(self, batch: Batch | list[Batch]) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on a batch: (total scalar, {"loss", "loss_<task>", ...} floats).
 
-        A list of `model.members` batches (`train.tower_orders`): each tower of the ensemble
+        A list of `model.members` batches (`model.tower_orders`): each tower of the ensemble
         learns its interest softmax from its own batch (`_tower_batches_losses`)."""
         if not isinstance(batch, Batch):
             return self.multitask(self._tower_batches_losses(batch))

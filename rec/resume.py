@@ -29,6 +29,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from rec.data.batch import Batch, length_batches, tower_batches
+
 T = TypeVar("T")
 
 
@@ -49,6 +51,17 @@ def tower_rng(seed: int, epoch: int, tower: int) -> np.random.Generator:
     the run's own `epoch_rng`, every other tower an independent order of (seed, epoch, tower),
     the same on every rank and attempt."""
     return epoch_rng(seed, epoch) if tower == 0 else np.random.default_rng([seed, epoch, tower])
+
+
+def epoch_batches(
+    rows: Batch, batch_size: int, seed: int, epoch: int, bucket: int, towers: int = 0
+) -> Iterator[tuple[np.ndarray, Batch | list[Batch]]]:
+    """Epoch `epoch`'s (idx, batch) in the run's seeded order (`length_batches`); towers > 0
+    (`model.tower_orders`): one order per tower, (idx, [batch per tower]) (`tower_batches`)."""
+    if not towers:
+        return length_batches(rows, batch_size, epoch_rng(seed, epoch), bucket)
+    rngs = [tower_rng(seed, epoch, k) for k in range(towers)]
+    return tower_batches(rows, batch_size, rngs, bucket)
 
 
 def batch_seed(seed: int, rank: int, epoch: int, batch: int) -> int:

@@ -30,7 +30,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from rec import storage
-from rec.data.batch import Batch, length_batches, tower_batches
+from rec.data.batch import Batch, length_batches
 from rec.data.splits import ItemTables, load_item_tables
 from rec.deepspeed_setup import deepspeed_engine, full_parameters, worker_env
 from rec.evaluation import evaluate
@@ -50,9 +50,9 @@ from rec.resume import (
     after_epoch,
     batch_seed,
     checkpoint_due,
+    epoch_batches,
     epoch_rng,
     resume_batches,
-    tower_rng,
 )
 from rec.sparse_table import dense_parameters, optimizer_step, resolve_item_table, sparse_item_table
 from rec.tracking import Tracker, TrackingTarget, run_params
@@ -162,7 +162,8 @@ def train_loop_per_worker(config: dict) -> None:
         # The same order on every rank (each step then takes the same length quantile of every
         # rank's rows: ranks wait less at the gradient sync) and on every attempt: a restart
         # skips the batches its checkpoint had trained.
-        batches = _epoch_batches(spec, rows, epoch, bucket)
+        towers = spec.model.members if spec.model.tower_orders else 0  # one order per tower
+        batches = epoch_batches(rows, cfg.batch_size, cfg.seed, epoch, bucket, towers)
         for k, (_, batch), last in resume_batches(batches, skip=state["epoch_batches"]):
             torch.manual_seed(batch_seed(cfg.seed, rank, epoch, k))  # dropout, negatives
             batch = _to(batch, engine.device)  # a Batch, or one per tower (tower_orders)
@@ -194,16 +195,6 @@ def train_loop_per_worker(config: dict) -> None:
             break
     if tracker:
         tracker.close()
-
-
-def _epoch_batches(spec: TrainSpec, rows, epoch: int, bucket: int) -> Iterable:
-    """The epoch's (idx, batch) in the run's seeded order; with `model.tower_orders`, one
-    order per tower: (idx, [batch per tower]) (rec.data.batch.tower_batches)."""
-    cfg = spec.train
-    if not spec.model.tower_orders:
-        return length_batches(rows, cfg.batch_size, epoch_rng(cfg.seed, epoch), bucket)
-    rngs = [tower_rng(cfg.seed, epoch, k) for k in range(spec.model.members)]
-    return tower_batches(rows, cfg.batch_size, rngs, bucket)
 
 
 def _to(batch: Batch | list[Batch], device) -> Batch | list[Batch]:
