@@ -141,15 +141,8 @@ class ModelConfig:
                 f"model.hidden_size={arch.hidden_size!r} is not divisible by "
                 f"model.n_heads={arch.n_heads!r}"
             )
-        names = (
-            "max_len",
-            "n_negatives",
-            "relevance_negatives",
-            "diversity_window",
-            "future_steps",
-            "members",
-        )
-        for name in (*names, "sampled_above_items"):
+        names = ("max_len", "n_negatives", "relevance_negatives", "diversity_window")
+        for name in (*names, "future_steps", "members", "sampled_above_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -169,6 +162,10 @@ class ModelConfig:
             raise ValueError(
                 f"model.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
             )
+        self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        """The loss weights, and the options that need particular tasks on or off."""
         weights = self.loss_weights
         for name in ("interest", "relevance", "diversity", "contrastive", "future", "attributes"):
             if getattr(weights, name) < 0:
