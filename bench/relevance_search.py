@@ -50,11 +50,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from jobs.config import RunConfig  # noqa: E402
 from jobs.training import model_for_data  # noqa: E402  (imports Ray Train, starts no Ray)
 from rec import artifacts, storage  # noqa: E402
-from rec.config_loader import load_config  # noqa: E402
+from rec.config_loader import from_dict, load_config  # noqa: E402
 from rec.data.batch import Batch, collate, length_batches  # noqa: E402
 from rec.data.splits import ItemTables, load_examples, load_item_tables  # noqa: E402
+from rec.ensemble import tower_clip, weight_decay_groups  # noqa: E402
 from rec.evaluation import evaluate  # noqa: E402
-from rec.model import count_parameters  # noqa: E402
+from rec.model import ModelConfig, count_parameters  # noqa: E402
 from rec.recommender import Recommender, build_recommender  # noqa: E402
 from rec.resume import batch_seed, epoch_batches  # noqa: E402
 from rec.schedule import lr_lambda  # noqa: E402
@@ -127,8 +128,9 @@ def train_epoch(model, opt, sched, rows: Batch, cfg, epoch: int, ema: Ema | None
         loss, logs = model(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if tc.deepspeed.gradient_clipping > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.deepspeed.gradient_clipping)
+        clip = tower_clip(tc.deepspeed.gradient_clipping, cfg.model.members)  # as rec/train.py
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         sched.step()
         if ema is not None:
@@ -165,7 +167,8 @@ def fit(
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = build_recommender(cfg.model, tables)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = weight_decay_groups(model, list(model.parameters()))  # model.tower_weight_decay
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     schedule = lr_lambda(tc, steps)  # the job's steps per epoch: the same LR at every step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     ema = Ema(model, ema_decay) if ema_decay else None
@@ -275,8 +278,14 @@ def ensemble(args: argparse.Namespace) -> dict:
     cfg, tables, rows, _ = load(args)
     members = []
     for tag in tags:
-        # The member's model is rebuilt from --config plus that run's own overrides.
-        member = load_config(RunConfig, args.config, records[tag]["overrides"]).model
+        # The member's model is rebuilt from the config its record saved (older records: from
+        # --config plus that run's overrides, which breaks once the config has moved on).
+        saved = records[tag].get("model")
+        member = (
+            from_dict(ModelConfig, saved)
+            if saved
+            else load_config(RunConfig, args.config, records[tag]["overrides"]).model
+        )
         model = build_recommender(model_for_data(member, tables.meta), tables)
         model.load_state_dict(load_file(str(Path(args.save) / f"{tag}.safetensors")))
         members.append(model.eval())

@@ -127,6 +127,12 @@ class ModelConfig:
     # members > 1: each tower learns from its own batch order (rec.data.batch.tower_batches), as
     # separate runs would, not all from one; the heads learn from tower 0's, on detached states.
     tower_orders: bool = False
+    # Per-tower recipes: tower k takes values[k % len(values)] ([0.0, 0.3]: plain and
+    # regularised towers alternate; members=1 takes values[0]); empty: residual_dropout and
+    # train.weight_decay. Towers regularised differently err differently, and their mean gains
+    # more than same-recipe towers' (bench/README.md "Relevance search", session 13).
+    tower_residual_dropout: list[float] = field(default_factory=list)
+    tower_weight_decay: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.size not in SIZE_PRESETS:
@@ -163,6 +169,7 @@ class ModelConfig:
                 f"model.label_smoothing must be in [0, 1), got {self.label_smoothing!r}"
             )
         self._check_tasks()
+        self._check_towers()
 
     def _check_tasks(self) -> None:
         """The loss weights, and the options that need particular tasks on or off."""
@@ -187,6 +194,19 @@ class ModelConfig:
                 f"loss weights future, contrastive, attributes at 0; got members={self.members}"
                 f", aux_detach={self.aux_detach}, {others}"
             )
+
+    def _check_towers(self) -> None:
+        """Per-tower lists: each value valid (values beyond model.members go unused)."""
+        lists = {"tower_residual_dropout": (0.0, 1.0), "tower_weight_decay": (0.0, float("inf"))}
+        for name, (lo, hi) in lists.items():
+            values = getattr(self, name)
+            if any(not lo <= v < hi for v in values):
+                raise ValueError(f"model.{name} values must be in [{lo}, {hi}), got {values!r}")
+
+    def tower_value(self, name: str, k: int, default: float) -> float:
+        """Tower k's value of the per-tower list `name` (cycled), or `default` if it is empty."""
+        values = getattr(self, name)
+        return values[k % len(values)] if values else default
 
     def architecture(self) -> SizePreset:
         """The preset for `size` with the non-null overrides applied."""
@@ -369,29 +389,3 @@ class SeqRecModel(nn.Module):
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (works on meta-device models, nothing is allocated)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-
-def model_summary(model: nn.Module, total: nn.Module | None = None) -> str:
-    """One line for the trainer's log: shape, data sizes, parameter counts (an ensemble's:
-    its first tower's shape, counts summed over the towers)."""
-    towers = list(getattr(model, "towers", [model]))
-    total = total if total is not None else model
-    model = towers[0]
-    arch, dims = model.cfg.architecture(), model.dims
-    n_total = count_parameters(total)
-    n_backbone = sum(count_parameters(t.backbone) for t in towers)
-    cats = model.category_emb
-    n_items = len(towers) * (
-        model.item_emb.weight.numel() + (cats.weight.numel() if cats is not None else 0)
-    )
-    return (
-        f"SeqRecModel size={model.cfg.size} members={len(towers)} hidden={arch.hidden_size} "
-        f"layers={arch.n_layers} "
-        f"heads={arch.n_heads} ffn={arch.ffn_size} max_len={model.cfg.max_len} "
-        f"items={dims.n_items} categories={dims.n_categories} params={_millions(n_total)} "
-        f"(backbone {_millions(n_backbone)}, item+category tables {_millions(n_items)})"
-    )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import ray
@@ -33,10 +33,11 @@ from rec import storage
 from rec.data.batch import Batch, length_batches
 from rec.data.splits import ItemTables, load_item_tables
 from rec.deepspeed_setup import deepspeed_engine, full_parameters, worker_env
+from rec.ensemble import model_summary, tower_clip, weight_decay_groups
 from rec.evaluation import evaluate
 from rec.fault_injection import maybe_inject_failure
 from rec.logs import get_logger
-from rec.model import ModelConfig, count_parameters, model_summary
+from rec.model import ModelConfig, count_parameters
 from rec.ray_checkpoints import restore, save_and_report
 from rec.ray_dataset import (
     BatchCollate,
@@ -204,13 +205,16 @@ def _to(batch: Batch | list[Batch], device) -> Batch | list[Batch]:
 def _engine(spec: TrainSpec, tables: ItemTables, chief: bool, world: int) -> tuple:
     """The recommender in its DeepSpeed engine, and its item table trained row-sparse beside
     it (`train.item_table`: rec/sparse_table.py), or None where DeepSpeed trains it too."""
-    cfg = spec.train
+    ds = spec.train.deepspeed
+    clip = tower_clip(ds.gradient_clipping, spec.model.members)  # each tower as if alone
+    cfg = replace(spec.train, deepspeed=replace(ds, gradient_clipping=clip))
     model = build_recommender(spec.model, tables)
     table = sparse_item_table(model, cfg, spec.steps_per_epoch)
     if chief:
         log.info("%s | workers=%d | item table %s", model_summary(model.model, model), world,
                  "sparse" if table else "dense")  # fmt: skip
-    return deepspeed_engine(model, cfg, spec.steps_per_epoch, dense_parameters(model, table)), table
+    params = weight_decay_groups(model, dense_parameters(model, table))  # model.tower_weight_decay
+    return deepspeed_engine(model, cfg, spec.steps_per_epoch, params), table
 
 
 def _epoch_metrics(
