@@ -120,6 +120,7 @@ def train_epoch(model, opt, sched, rows: Batch, cfg, epoch: int, ema: Ema | None
     bucket = global_batch * tc.length_buckets
     towers = cfg.model.members if cfg.model.tower_orders else 0  # as rec/train.py
     batches = epoch_batches(rows, global_batch, tc.seed, epoch, bucket, towers)
+    clip = tower_clip(tc.deepspeed.gradient_clipping, cfg.model.members)  # as rec/train.py
     model.train()
     sums: dict[str, float] = {}
     n = 0
@@ -128,7 +129,6 @@ def train_epoch(model, opt, sched, rows: Batch, cfg, epoch: int, ema: Ema | None
         loss, logs = model(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip = tower_clip(tc.deepspeed.gradient_clipping, cfg.model.members)  # as rec/train.py
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()

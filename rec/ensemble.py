@@ -85,14 +85,15 @@ def weight_decay_groups(model: nn.Module, params: list[nn.Parameter]) -> list:
         return params
     towers = list(net.towers) if isinstance(net, TowerEnsemble) else [net]
     owned = {id(p) for p in params}
-    groups, taken = [], set()
-    for k, tower in enumerate(towers):
-        mine = [p for p in tower.parameters() if id(p) in owned and id(p) not in taken]
-        taken.update(id(p) for p in mine)
-        groups.append(
-            {"params": mine, "weight_decay": net.cfg.tower_value("tower_weight_decay", k, 0.0)}
-        )
-    rest = [p for p in params if id(p) not in taken]
+    groups = [  # towers share no parameter (only the unsaved item_categories buffer)
+        {
+            "params": [p for p in tower.parameters() if id(p) in owned],
+            "weight_decay": net.cfg.tower_value("tower_weight_decay", k, 0.0),
+        }
+        for k, tower in enumerate(towers)
+    ]
+    in_towers = {id(p) for g in groups for p in g["params"]}
+    rest = [p for p in params if id(p) not in in_towers]
     return [g for g in groups if g["params"]] + ([{"params": rest}] if rest else [])
 
 
