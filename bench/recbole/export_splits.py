@@ -1,7 +1,8 @@
-"""Export the project's own Beauty splits for RecBole (runs in the PROJECT venv, no Ray).
+"""Export the project's own splits for RecBole (runs in the PROJECT venv, no Ray): Beauty by
+default, any log with --config (its file is still named beauty.inter: RecBole's dataset name).
 
     .venv/bin/python bench/recbole/export_splits.py --config jobs/configs/beauty.yaml \
-        --out outputs/recbole/beauty [--compare outputs/beauty/data]
+        --out outputs/recbole/beauty [--compare outputs/beauty/data] [data.path=... overrides]
 
 1. Prepares the data with `rec.data.local.prepare_local` (the pure-polars path that
    tests/test_prepare_ray.py checks against the Ray job) into <out>/data, unless it is there.
@@ -93,11 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument("overrides", nargs="*", help="a.b=value overrides of --config")
     ap.add_argument("--config", default=str(ROOT / "jobs/configs/beauty.yaml"))
     ap.add_argument("--out", default=str(ROOT / "outputs/recbole/beauty"))
     ap.add_argument("--compare", default=None, help="a prepared dir the splits must equal")
     args = ap.parse_args(argv)
-    cfg = load_config(RunConfig, Path(args.config), [])
+    cfg = load_config(RunConfig, Path(args.config), args.overrides)
     out = Path(args.out)
     prepared = out / "data"
     if not (prepared / "meta.json").exists():

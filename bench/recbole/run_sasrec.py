@@ -1,4 +1,5 @@
-"""RecBole's SASRec on the project's own Beauty splits, scored by the project's metric code.
+"""RecBole's SASRec on the project's own splits (Beauty; any log via export_splits.py --config),
+scored by the project's metric code.
 
 Runs in the RecBole venv (.venv-recbole, bench/recbole/setup.sh), after export_splits.py:
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     best_epoch, best_valid = max(history, key=lambda h: h[1]) if history else (0, float("nan"))
     result = {
         "model": "RecBole 1.2.1 SASRec (64-d, 2 layers, 2 heads, CE, max_len 50, dropout 0.5)",
+        "data": str(data),
         "torch": torch.__version__,
         "seed": args.seed,
         "learning_rate": args.lr,
@@ -235,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(result: dict) -> None:
     m = result["metrics"]
     print(
-        f"\nRecBole SASRec on the project's Beauty splits: {result['epochs_run']} epochs "
+        f"\nRecBole SASRec on the project's splits ({result.get('data', 'Beauty')}): "
+        f"{result['epochs_run']} epochs "
         f"({result['stopped_by']}), best valid epoch {result['best_epoch']}, "
         f"train {result['train_s'] / 60:.1f} min, wall {result['wall_s'] / 60:.1f} min"
     )
