@@ -1,5 +1,6 @@
 """Export the project's own splits for RecBole (runs in the PROJECT venv, no Ray): Beauty by
-default, any log with --config (its file is still named beauty.inter: RecBole's dataset name).
+default, any log with --config and a.b=value overrides (the file is still named beauty.inter:
+RecBole's dataset name).
 
     .venv/bin/python bench/recbole/export_splits.py --config jobs/configs/beauty.yaml \
         --out outputs/recbole/beauty [--compare outputs/beauty/data] [data.path=... overrides]

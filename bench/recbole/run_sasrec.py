@@ -1,4 +1,4 @@
-"""RecBole's SASRec on the project's own splits (Beauty; any log via export_splits.py --config),
+"""RecBole's SASRec on the project's own splits (Beauty; any log via export_splits.py),
 scored by the project's metric code.
 
 Runs in the RecBole venv (.venv-recbole, bench/recbole/setup.sh), after export_splits.py:
